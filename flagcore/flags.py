@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .subspace import _check_matrix, _check_same_ambient, intersection_dim, orthonormal_basis
+from .subspace import _as_int, _check_matrix, _check_same_ambient, intersection_dim, orthonormal_basis
 
 __all__ = [
     "adapted_basis",
@@ -28,6 +28,7 @@ def stratum_range(d: int, r1: int, r2: int) -> range:
 
     ``max(0, r1 + r2 - d) <= k <= min(r1, r2)``: ``V + U`` has dimension ``r1 + r2 - k <= d``.
     """
+    d, r1, r2 = _as_int("d", d), _as_int("r1", r1), _as_int("r2", r2)
     if not (1 <= r1 <= d and 1 <= r2 <= d):
         raise ValueError(f"need 1 <= r1, r2 <= d, got r1={r1}, r2={r2}, d={d}")
     return range(max(0, r1 + r2 - d), min(r1, r2) + 1)
@@ -51,6 +52,7 @@ def random_pair_with_intersection(
     matrix, so the returned spanning matrices are not orthonormal, as real weights are not.
     Returns ``V`` ``[d, r1]`` and ``U`` ``[d, r2]``.
     """
+    k = _as_int("k", k)
     if k not in stratum_range(d, r1, r2):
         rng = stratum_range(d, r1, r2)
         raise ValueError(f"no pair in Gr({r1},{d}) x Gr({r2},{d}) has intersection dimension {k}; possible: {rng.start}..{rng.stop - 1}")
@@ -65,7 +67,7 @@ def random_pair_with_intersection(
     return V @ mix_v, U @ mix_u
 
 
-def adapted_basis(V: Tensor, U: Tensor, atol: float | None = None) -> tuple[Tensor, int]:
+def adapted_basis(V: Tensor, U: Tensor, rtol: float | None = None) -> tuple[Tensor, int]:
     """A basis of R^d adapted to the pair ``(V, U)``: ``[ V∩U | V-complement | U-complement | rest ]``.
 
     Returns ``(B, k)`` with ``B`` an invertible ``[d, d]`` matrix whose first ``k`` columns span
@@ -76,7 +78,7 @@ def adapted_basis(V: Tensor, U: Tensor, atol: float | None = None) -> tuple[Tens
     U = _check_matrix("U", U, batched=False)
     _check_same_ambient("V", V, "U", U)
     QV, QU = orthonormal_basis(V), orthonormal_basis(U)
-    k = intersection_dim(QV, QU, atol)
+    k = intersection_dim(QV, QU, rtol)
     # Principal vectors: SVD of Q_V^T Q_U pairs directions in V with directions in U, most aligned first.
     Y, _, Zh = torch.linalg.svd(QV.T @ QU)
     PV, PU = QV @ Y, QU @ Zh.T
@@ -88,7 +90,7 @@ def adapted_basis(V: Tensor, U: Tensor, atol: float | None = None) -> tuple[Tens
     return torch.cat([spanned, full[:, spanned.shape[1]:]], dim=1), k
 
 
-def transport_pair(V1: Tensor, U1: Tensor, V2: Tensor, U2: Tensor, atol: float | None = None) -> Tensor:
+def transport_pair(V1: Tensor, U1: Tensor, V2: Tensor, U2: Tensor, rtol: float | None = None) -> Tensor:
     """An invertible ``g`` with ``g V1 = V2`` and ``g U1 = U2`` (as subspaces).
 
     Exists iff the two pairs have the same dimensions and the same intersection dimension
@@ -104,8 +106,8 @@ def transport_pair(V1: Tensor, U1: Tensor, V2: Tensor, U2: Tensor, atol: float |
     dims2 = (orthonormal_basis(V2).shape[1], orthonormal_basis(U2).shape[1])
     if dims1 != dims2:
         raise ValueError(f"subspace dimensions differ: (dim V1, dim U1) = {dims1}, (dim V2, dim U2) = {dims2}")
-    B1, k1 = adapted_basis(V1, U1, atol)
-    B2, k2 = adapted_basis(V2, U2, atol)
+    B1, k1 = adapted_basis(V1, U1, rtol)
+    B2, k2 = adapted_basis(V2, U2, rtol)
     if k1 != k2:
         raise ValueError(
             f"no element of GL(d) maps one pair to the other: dim(V1 ∩ U1) = {k1} but dim(V2 ∩ U2) = {k2} "

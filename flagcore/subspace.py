@@ -13,7 +13,7 @@ Two tolerances appear, both documented and overridable:
 * **rank** (``orthonormal_basis``): a singular value counts when ``s > rtol * s_max`` with the
   default ``rtol = max(d, k) * eps(dtype)`` (the convention of ``numpy.linalg.matrix_rank``).
 * **angle** (``intersection_dim``, ``alignment_level``): a principal angle counts as zero when
-  ``sin(theta) <= atol`` with the default ``atol = sqrt(eps(dtype))`` (1.5e-8 in float64,
+  ``sin(theta) <= rtol`` with the default ``rtol = sqrt(eps(dtype))`` (1.5e-8 in float64,
   3.5e-4 in float32): far above round-off of well-conditioned inputs, far below the angles of
   generic subspaces.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,16 @@ def _check_matrix(name: str, x: Tensor, *, batched: bool = True) -> Tensor:
     return x
 
 
+def _as_int(name: str, value: object) -> int:
+    """An integer argument (Python or numpy int); a TypeError for anything else, bool included."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
 def _check_same_ambient(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
     if a.shape[-2] != b.shape[-2]:
         raise ValueError(
@@ -82,6 +93,12 @@ def _check_same_ambient(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
 def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     dtype = torch.promote_types(a.dtype, b.dtype)
     return a.to(dtype), b.to(dtype)
+
+
+def _coarsest_dtype(*xs: Tensor) -> torch.dtype:
+    """The input dtype with the largest machine epsilon: default tolerances must respect the least
+    precise input, or its rounding noise would count as rank or as a non-zero angle."""
+    return max((x.dtype for x in xs), key=lambda dt: torch.finfo(dt).eps)
 
 
 # --------------------------------------------------------------------------- tolerances
@@ -148,8 +165,8 @@ def _bases(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     A = _check_matrix("A", A)
     B = _check_matrix("B", B)
     _check_same_ambient("A", A, "B", B)
-    A, B = _common_dtype(A, B)
-    return orthonormal_basis(A), orthonormal_basis(B)
+    # Rank each input at its own precision, then compute in the common (wider) dtype.
+    return _common_dtype(orthonormal_basis(A), orthonormal_basis(B))
 
 
 def principal_angles(A: Tensor, B: Tensor) -> Tensor:
@@ -183,12 +200,12 @@ def frobenius_overlap(A: Tensor, B: Tensor) -> Tensor:
     return (QA.transpose(-1, -2) @ QB).square().sum(dim=(-2, -1))
 
 
-def intersection_dim(A: Tensor, B: Tensor, atol: float | None = None) -> int | Tensor:
-    """``dim(col(A) ∩ col(B))``: the number of principal angles with ``sin(theta) <= atol``.
+def intersection_dim(A: Tensor, B: Tensor, rtol: float | None = None) -> int | Tensor:
+    """``dim(col(A) ∩ col(B))``: the number of principal angles with ``sin(theta) <= rtol``.
 
     Args:
-        atol: default ``sqrt(eps(dtype))`` (:func:`angle_tolerance`). Sines are scale-free, so the
-            tolerance is absolute in ``sin`` and relative in any other sense.
+        rtol: default ``sqrt(eps)`` of the less precise input (:func:`angle_tolerance`). It is a
+            relative tolerance: ``sin(theta) = ||(I - P_A) b|| / ||b||`` for the principal vector ``b``.
 
     Returns:
         ``int`` for a single pair of 2-D inputs; an ``int64`` tensor ``[...]`` for batched input.
@@ -197,9 +214,9 @@ def intersection_dim(A: Tensor, B: Tensor, atol: float | None = None) -> int | T
     invertible change of coordinates, unlike the angles themselves.
     """
     theta = principal_angles(A, B)
-    tol = angle_tolerance(theta.dtype) if atol is None else atol
+    tol = angle_tolerance(_coarsest_dtype(_as_real_float("A", A), _as_real_float("B", B))) if rtol is None else rtol
     if tol < 0:
-        raise ValueError(f"atol must be non-negative, got {tol}")
+        raise ValueError(f"rtol must be non-negative, got {tol}")
     count = (torch.sin(theta) <= tol).sum(dim=-1)
     return int(count) if count.ndim == 0 else count
 
@@ -222,9 +239,7 @@ def haar_frames(
     makes the frame exactly Haar on the Stiefel manifold, hence its span Haar on Gr(k, d).
     Independent frames, not blocks of one orthogonal matrix: blocks would be mutually orthogonal.
     """
-    for name, value in (("d", d), ("k", k), ("n", n)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an int, got {value!r}")
+    d, k, n = (_as_int(name, value) for name, value in (("d", d), ("k", k), ("n", n)))
     if not 1 <= k <= d:
         raise ValueError(f"need 1 <= k <= d, got k={k}, d={d}")
     if n < 0:
@@ -260,18 +275,22 @@ class AlignmentReport:
     angles: Tensor  #: principal angles between U_l and V_{l+1}, ascending
     strict_defined: bool  #: both spectra simple, so "column by column" has a meaning
     strict_defect: float  #: max_i sin∠(u_i, v_i); nan when not strict_defined or ranks differ
-    atol: float  #: the tolerance used
+    rtol: float  #: the tolerance used
 
 
-def _simple_spectrum(s: Tensor, atol: float) -> bool:
-    """Distinct singular values: every relative gap (s_i - s_{i+1}) / s_i exceeds atol."""
+def _simple_spectrum(s: Tensor, rtol: float) -> bool:
+    """Distinct singular values: every relative gap (s_i - s_{i+1}) / s_i exceeds rtol.
+
+    The angle tolerance doubles as the gap tolerance: by the Davis–Kahan bound a singular vector is
+    determined to about eps / gap, so a relative gap below rtol leaves its angle undetermined at rtol.
+    """
     if s.numel() < 2:
         return True
     gaps = (s[:-1] - s[1:]) / s[:-1]
-    return bool((gaps > atol).all())
+    return bool((gaps > rtol).all())
 
 
-def alignment_report(W_prev: Tensor, W_next: Tensor, atol: float | None = None) -> AlignmentReport:
+def alignment_report(W_prev: Tensor, W_next: Tensor, rtol: float | None = None) -> AlignmentReport:
     """Alignment of two adjacent layers, with the evidence. See :func:`alignment_level`."""
     W_prev = _check_matrix("W_prev", W_prev, batched=False)
     W_next = _check_matrix("W_next", W_next, batched=False)
@@ -280,16 +299,18 @@ def alignment_report(W_prev: Tensor, W_next: Tensor, atol: float | None = None) 
             "layers do not compose: W_prev maps into R^{%d} but W_next takes R^{%d} "
             "(expected W_prev [d_l, d_{l-1}] and W_next [d_{l+1}, d_l])" % (W_prev.shape[0], W_next.shape[1])
         )
-    W_prev, W_next = _common_dtype(W_prev, W_next)
-    tol = angle_tolerance(W_prev.dtype) if atol is None else atol
+    tol = angle_tolerance(_coarsest_dtype(W_prev, W_next)) if rtol is None else rtol
     if tol < 0:
-        raise ValueError(f"atol must be non-negative, got {tol}")
+        raise ValueError(f"rtol must be non-negative, got {tol}")
 
     # Compact SVDs: U_l = left singular subspace of W_l, V_{l+1} = right singular subspace of W_{l+1}.
+    # Each layer is ranked at its own precision, then both are compared in the common dtype.
     U_prev, s_prev, _ = torch.linalg.svd(W_prev, full_matrices=False)
     _, s_next, Vh_next = torch.linalg.svd(W_next, full_matrices=False)
     r_prev = int((s_prev > rank_tolerance(W_prev.shape, W_prev.dtype) * s_prev[:1]).sum()) if s_prev.numel() else 0
     r_next = int((s_next > rank_tolerance(W_next.shape, W_next.dtype) * s_next[:1]).sum()) if s_next.numel() else 0
+    dtype = torch.promote_types(W_prev.dtype, W_next.dtype)
+    U_prev, s_prev, s_next, Vh_next = U_prev.to(dtype), s_prev.to(dtype), s_next.to(dtype), Vh_next.to(dtype)
     if r_prev == 0 or r_next == 0:
         raise ValueError("a zero weight matrix has no singular subspace; alignment is undefined")
     U = U_prev[:, :r_prev]
@@ -314,7 +335,7 @@ def alignment_report(W_prev: Tensor, W_next: Tensor, atol: float | None = None) 
     return AlignmentReport(level, r_prev, r_next, angles, strict_defined, strict_defect, tol)
 
 
-def alignment_level(W_prev: Tensor, W_next: Tensor, atol: float | None = None) -> AlignmentLevel:
+def alignment_level(W_prev: Tensor, W_next: Tensor, rtol: float | None = None) -> AlignmentLevel:
     """Alignment level (Definition 3.1) between layer ``W_prev = W_l`` and ``W_next = W_{l+1}``.
 
     ``W_prev`` is ``[d_l, d_{l-1}]`` and ``W_next`` is ``[d_{l+1}, d_l]`` (so ``W_next @ W_prev``
@@ -324,11 +345,11 @@ def alignment_level(W_prev: Tensor, W_next: Tensor, atol: float | None = None) -
     * 1 (FLAG): one contains the other (all principal angles zero);
     * 2 (SUBSPACE): they are equal (and so are the ranks);
     * 3 (STRICT): ``U_l = V_{l+1} S`` column by column, ``S = diag(±1)`` (the SVD sign gauge):
-      every ``sin∠(u_i, v_i) <= atol``.
+      every ``sin∠(u_i, v_i) <= rtol``.
 
     Level 3 is decided only when both spectra are simple; with a repeated singular value the
     singular bases are not unique, "column by column" has no meaning, and at most Level 2 is
     returned (``alignment_report(...).strict_defined`` is then False). An angle counts as zero when
-    its sine is ``<= atol`` (default ``sqrt(eps)``). Returns an :class:`AlignmentLevel` (an int).
+    its sine is ``<= rtol`` (default ``sqrt(eps)``). Returns an :class:`AlignmentLevel` (an int).
     """
-    return alignment_report(W_prev, W_next, atol).level
+    return alignment_report(W_prev, W_next, rtol).level

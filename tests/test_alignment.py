@@ -113,7 +113,7 @@ def test_layer_pair_at_level_is_classified_as_that_level(case, gen):
         assert rep.angles.shape == (min(r_prev, r_next),)
         assert rep.strict_defined == (r_prev == r_next)  # random spectra are simple
         assert math.isnan(rep.strict_defect) != rep.strict_defined
-        assert rep.atol == angle_tolerance(F64)
+        assert rep.rtol == angle_tolerance(F64)
         # the report compares U_prev (left of W_prev) with V_next (right of W_next)
         expected = sl.subspace_angles(left_singular(W_prev, r_prev).numpy(), right_singular(W_next, r_next).numpy())[::-1]
         np.testing.assert_allclose(rep.angles.numpy(), expected, rtol=0, atol=1e-7)  # scipy: ~1.5e-8 at 0
@@ -178,10 +178,10 @@ def test_strict_pair_rotated_within_subspace_drops_to_level_2(d_mid, r, gen):
 
 
 def test_strict_tolerance_is_on_the_sine_like_the_subspace_tolerance(gen):
-    """Level 3 uses sin∠(u_i, v_i) <= atol, the same units as Level 2's sin(theta) <= atol.
+    """Level 3 uses sin∠(u_i, v_i) <= rtol, the same units as Level 2's sin(theta) <= rtol.
 
     A within-subspace rotation by 1e-7 (sin 1e-7 > 1.5e-8, although 1 - cos = 5e-15 is tiny) is
-    not STRICT; by 1e-9 it is. With atol=1e-6 the 1e-7 rotation is STRICT again.
+    not STRICT; by 1e-9 it is. With rtol=1e-6 the 1e-7 rotation is STRICT again.
     """
     W_prev, W_next = layer_pair_at_level(L.STRICT, 6, 3, generator=gen)
     V = right_singular(W_next, 3)
@@ -189,7 +189,7 @@ def test_strict_tolerance_is_on_the_sine_like_the_subspace_tolerance(gen):
     rep = alignment_report(W_prev, tilted)
     assert rep.level == L.SUBSPACE and rep.strict_defect == pytest.approx(1e-7, rel=1e-4)
     assert alignment_level(W_prev, W_next @ rotation(V[:, 0], V[:, 2], 1e-9).T) == L.STRICT
-    assert alignment_level(W_prev, tilted, atol=1e-6) == L.STRICT
+    assert alignment_level(W_prev, tilted, rtol=1e-6) == L.STRICT
 
 
 @pytest.mark.parametrize(
@@ -231,7 +231,7 @@ def test_flag_pair_rotated_out_of_the_larger_subspace_drops_to_level_0(d_mid, r_
 
 
 def test_perturbation_threshold_depends_on_dtype(gen):
-    """A 1e-4 tilt is an alignment failure in float64 (atol 1.5e-8) but not in float32 (atol 3.5e-4)."""
+    """A 1e-4 tilt is an alignment failure in float64 (rtol 1.5e-8) but not in float32 (rtol 3.5e-4)."""
     W_prev, W_next = layer_pair_at_level(L.SUBSPACE, 6, 3, generator=gen)
     V = right_singular(W_next, 3)
     W_tilt = W_next @ rotation(V[:, 0], complement(V)[:, 0], 1e-4).T
@@ -239,7 +239,7 @@ def test_perturbation_threshold_depends_on_dtype(gen):
     assert alignment_level(W_prev.float(), W_tilt.float()) == L.SUBSPACE
     W_big = W_next @ rotation(V[:, 0], complement(V)[:, 0], 1e-2).T
     assert alignment_level(W_prev.float(), W_big.float()) == L.GENERAL
-    assert alignment_level(W_prev, W_tilt, atol=1e-3) == L.SUBSPACE  # explicit atol overrides
+    assert alignment_level(W_prev, W_tilt, rtol=1e-3) == L.SUBSPACE  # explicit rtol overrides
 
 
 # --------------------------------------------------------------------------- degenerate spectra
@@ -280,7 +280,7 @@ def test_repeated_singular_values_make_strict_undefined(s_prev, s_next, gen):
 
 @pytest.mark.parametrize("case", LEVEL_CASES[::2], ids=case_id)
 def test_float32_layers_with_float32_default_tolerance(case, gen):
-    """float32 inputs: computed in float32 with atol = sqrt(eps32) ≈ 3.45e-4, level still exact."""
+    """float32 inputs: computed in float32 with rtol = sqrt(eps32) ≈ 3.45e-4, level still exact."""
     level, d_mid, r_prev, r_next, d_in, d_out = case
     for _ in range(3):
         W_prev, W_next = layer_pair_at_level(
@@ -288,7 +288,7 @@ def test_float32_layers_with_float32_default_tolerance(case, gen):
         )
         assert W_prev.dtype == W_next.dtype == torch.float32
         rep = alignment_report(W_prev, W_next)
-        assert rep.atol == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps)) == pytest.approx(3.4527e-4, rel=1e-4)
+        assert rep.rtol == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps)) == pytest.approx(3.4527e-4, rel=1e-4)
         assert rep.angles.dtype == torch.float32
         assert rep.level == level
 
@@ -297,7 +297,7 @@ def test_float32_strict_construction_is_always_strict():
     """layer_pair_at_level promises 'exactly level': in float32, 300 seeded STRICT draws are all STRICT.
 
     Regression test: with uniformly drawn singular values, ~1.7% of these draws (seeds 106, 146,
-    170, 172, 274) had a relative gap below the float32 atol 3.45e-4, so strict_defined was False.
+    170, 172, 274) had a relative gap below the float32 rtol 3.45e-4, so strict_defined was False.
     """
     bad = []
     for seed in range(300):
@@ -345,8 +345,8 @@ def test_alignment_rejects_bad_input(fn, gen):
         fn(good.to(torch.complex128), good)
     with pytest.raises(TypeError):
         fn(good.numpy(), good)
-    with pytest.raises(ValueError, match="atol"):
-        fn(good, good, atol=-1e-3)
+    with pytest.raises(ValueError, match="rtol"):
+        fn(good, good, rtol=-1e-3)
 
 
 @pytest.mark.parametrize(

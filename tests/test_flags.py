@@ -1,4 +1,5 @@
-"""Tests for flagcore.flags: strata X_k, random pairs in a stratum, adapted bases, GL(d) transport.
+"""Tests for flagcore.flags: strata X_k, random pairs in a stratum, adapted bases, GL(d) transport,
+and the normal form / one-parameter degeneration of spec A.8.
 
 Theorem 4.1: each non-empty stratum X_k = {(V, U): dim(V ∩ U) = k} is one GL(d)-orbit, so for
 two pairs with the same k there is g with g V1 = V2 and g U1 = U2 (transport_pair), and for
@@ -8,11 +9,20 @@ angles (flagcore) and a numpy rank test, rank [g V1 | V2] == dim V2.
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import numpy as np
 import pytest
 import torch
 
-from flagcore.flags import adapted_basis, random_pair_with_intersection, stratum_range, transport_pair
+from flagcore.flags import (
+    adapted_basis,
+    normal_form_pair,
+    one_parameter_subgroup,
+    random_pair_with_intersection,
+    stratum_range,
+    transport_pair,
+)
 from flagcore.subspace import frobenius_overlap, intersection_dim, orthonormal_basis, principal_angles, projector
 
 F64 = torch.float64
@@ -236,11 +246,6 @@ def test_transport_pair_rejects_other_mismatches(gen):
 
 
 # --------------------------------------------------------------------------- normal form and degeneration (A.8)
-
-from itertools import combinations  # noqa: E402
-
-from flagcore.flags import normal_form_pair, one_parameter_subgroup  # noqa: E402
-
 
 def plucker(W) -> np.ndarray:
     """Unit Plücker vector of col(W) (all r x r minors, numpy), sign fixed by the largest entry."""

@@ -335,18 +335,18 @@ def test_intersection_dim_batched_returns_int64_tensor(gen):
     assert broadcast.shape == (3,)
 
 
-def test_intersection_dim_atol(gen):
-    """The count is of angles with sin <= atol; default atol = sqrt(eps) (1.5e-8 in float64)."""
+def test_intersection_dim_rtol(gen):
+    """The count is of angles with sin <= rtol; default rtol = sqrt(eps) (1.5e-8 in float64)."""
     Q = signed_permutation(8, gen)
     for t, default_count in [(1e-6, 0), (1e-7, 0), (1e-9, 1), (0.0, 1)]:
         a, b = pair_with_angles(Q, torch.tensor([t], dtype=F64))
         assert intersection_dim(a, b) == default_count
-        assert intersection_dim(a, b, atol=10 * t + 1e-300) == 1
+        assert intersection_dim(a, b, rtol=10 * t + 1e-300) == 1
         if t > 0:
-            assert intersection_dim(a, b, atol=t / 10) == 0
+            assert intersection_dim(a, b, rtol=t / 10) == 0
     assert angle_tolerance(F64) == pytest.approx(math.sqrt(EPS64))
-    with pytest.raises(ValueError, match="atol"):
-        intersection_dim(a, b, atol=-1.0)
+    with pytest.raises(ValueError, match="rtol"):
+        intersection_dim(a, b, rtol=-1.0)
 
 
 # --------------------------------------------------------------------------- orthonormal_basis and projector
@@ -572,14 +572,33 @@ def test_second_argument_validated_too(f, gen):
         f(good, good.to(torch.complex128))
 
 
-@pytest.mark.parametrize(
-    "args",
-    [(3, 4, 1), (3, 0, 1), (0, 0, 1), (3, 2, -1), (3.0, 2, 1), (3, 2.0, 1), (True, 1, 1)],
-)
-def test_haar_frames_bad_arguments(args):
-    """k > d, k < 1, n < 0 and non-int sizes (floats, bools) raise ValueError."""
+@pytest.mark.parametrize("args", [(3, 4, 1), (3, 0, 1), (0, 0, 1), (3, 2, -1)])
+def test_haar_frames_bad_sizes(args):
+    """k > d, k < 1 and n < 0 raise ValueError."""
     with pytest.raises(ValueError):
         haar_frames(*args)
+
+
+@pytest.mark.parametrize("args", [(3.0, 2, 1), (3, 2.0, 1), (True, 1, 1), ("3", 2, 1)])
+def test_haar_frames_non_integer_sizes(args):
+    """Floats, bools and strings are TypeErrors (the wrong kind of value, not a bad value)."""
+    with pytest.raises(TypeError, match="integer"):
+        haar_frames(*args)
+
+
+def test_haar_frames_accepts_numpy_integers():
+    assert haar_frames(np.int64(5), np.int32(2), np.int64(3)).shape == (3, 5, 2)
+
+
+def test_mixed_precision_ranks_each_input_at_its_own_precision(gen):
+    """A rank-3 float32 matrix stays rank 3 next to a float64 one (its rounding is not extra rank)."""
+    A32 = (randn(gen, 20, 3) @ randn(gen, 3, 8)).to(torch.float32)
+    B64 = randn(gen, 20, 4)
+    assert principal_angles(A32, B64).shape == (3,)
+    assert principal_angles(A32, B64).dtype == F64
+    # The shared direction is found with the float32 tolerance, not float64's.
+    shared = torch.cat([A32.to(F64)[:, :1], B64[:, 1:]], 1)
+    assert intersection_dim(A32, shared) == 1
 
 
 # --------------------------------------------------------------------------- property tests
