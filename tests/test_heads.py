@@ -1,0 +1,162 @@
+"""flagcore.heads: the head-overlap score R (Eq. 10/12), its Haar baseline (spec A.14) and model profiles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flagcore import frobenius_overlap, haar_frames
+from flagcore.heads import (
+    haar_overlap_baseline,
+    haar_overlap_samples,
+    head_overlap,
+    overlap_matrix,
+    overlap_profile,
+    query_heads,
+)
+
+
+def _pair_loop(W):
+    """Brute force over ordered pairs with flagcore.frobenius_overlap (an independent path: SVD bases per pair)."""
+    H, d, k = W.shape
+    total = sum(float(frobenius_overlap(W[i], W[j])) for i in range(H) for j in range(H) if i != j)
+    return total / (H * (H - 1) * k)
+
+
+def _haar_orthogonal(d, g):
+    Q, R = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return Q * torch.sign(torch.diagonal(R))
+
+
+@given(H=st.integers(2, 5), d=st.integers(4, 12), seed=st.integers(0, 10**6))
+def test_batched_R_equals_pair_loop_and_is_invariant(H, d, seed):
+    """Spec Test A.14 items 2-3: R in [0, 1]; unchanged under Q_h -> Q_h G_h (any G_h in GL(d_k), as R depends
+    on column spaces only) and a global O in O(d); changed by a general G in GL(d)."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, d // 3)
+    W = torch.randn(H, d, k, generator=g, dtype=torch.float64)
+    R = float(head_overlap(W))
+    assert abs(R - _pair_loop(W)) < 1e-12
+    assert -1e-12 <= R <= 1 + 1e-12
+    O = overlap_matrix(W)
+    assert torch.allclose(O, O.T, atol=1e-12) and torch.allclose(torch.diagonal(O), torch.ones(H, dtype=W.dtype), atol=1e-12)
+    assert abs((O.sum() - O.trace()).item() / (H * (H - 1)) - R) < 1e-12
+    right = torch.randn(H, k, k, generator=g, dtype=torch.float64)
+    assert abs(float(head_overlap(W @ right)) - R) < 1e-9
+    Og = _haar_orthogonal(d, g)
+    assert abs(float(head_overlap(Og @ W)) - R) < 1e-12
+    G = torch.randn(d, d, generator=g, dtype=torch.float64) + 3 * torch.diag(torch.rand(d, generator=g, dtype=torch.float64))
+    if k < d:  # negative control: a general change of coordinates moves R (Cor 4.2); R = 1 when k = d
+        assert abs(float(head_overlap(G @ W)) - R) > 1e-6
+
+
+def test_extremes_identical_heads_and_blocks_of_one_orthogonal_matrix(gen):
+    Q = haar_frames(12, 3, 1, gen)[0]
+    same = torch.stack([Q @ torch.randn(3, 3, generator=gen, dtype=torch.float64) for _ in range(4)])
+    assert abs(float(head_overlap(same)) - 1) < 1e-12
+    O = _haar_orthogonal(12, gen)
+    blocks = O.reshape(12, 4, 3).transpose(0, 1)  # 4 mutually orthogonal heads
+    assert abs(float(head_overlap(blocks))) < 1e-14  # the pitfall of spec A.14: R = 0, not d_k/d
+
+
+def test_batched_over_layers_and_float32(gen):
+    W = torch.randn(3, 5, 20, 4, generator=gen, dtype=torch.float64)
+    R = head_overlap(W)
+    assert R.shape == (3,)
+    for i in range(3):
+        assert abs(float(R[i]) - _pair_loop(W[i])) < 1e-12
+    assert overlap_matrix(W).shape == (3, 5, 5)
+    # H*d_k > d takes the d x d Gram branch: same answer
+    wide = torch.randn(6, 8, 3, generator=gen, dtype=torch.float64)
+    assert abs(float(head_overlap(wide)) - _pair_loop(wide)) < 1e-12
+    assert abs(float(head_overlap(W.float()[0])) - float(R[0])) < 1e-5
+
+
+def test_haar_baseline_closed_form():
+    """E[R] = d_k/d exactly; sd = 2(d-d_k)/(d sqrt(H(H-1)(d-1)(d+2))): spec A.14's numbers."""
+    gpt2 = haar_overlap_baseline(768, 64, 12)
+    assert gpt2.mean == 64 / 768 and abs(gpt2.sd - 2.08e-4) < 0.01e-4
+    llama = haar_overlap_baseline(2048, 64, 32)
+    assert llama.mean == 1 / 32 and abs(llama.sd - 3.0e-5) < 0.1e-5
+    assert abs(haar_overlap_baseline(1024, 64, 16).mean - 0.0625) == 0
+    assert gpt2.z(gpt2.mean + 3 * gpt2.sd) == pytest.approx(3.0)
+    # the single-pair variance it is built from: spec's (64, 8, 8) -> 0.02357 (tr(P_i P_j) variance)
+    # (with H = 2, R = tr(P_1 P_2)/d_k, so Var R * d_k^2 is the single-pair variance)
+    b = haar_overlap_baseline(64, 8, 2)
+    assert abs(b.sd**2 * 8**2 - 0.02357) < 1e-5
+
+
+def test_haar_baseline_empirically(gen):
+    """Monte Carlo with independent Haar frames: mean within 4 standard errors of d_k/d, and the sample sd within
+    10% of the analytic sd (n = 3000; the sd's relative standard error is ~1.3%)."""
+    for d, k, H in [(32, 4, 4), (48, 8, 6)]:
+        b = haar_overlap_baseline(d, k, H)
+        R = haar_overlap_samples(d, k, H, 3000, gen)
+        assert abs(R.mean().item() - b.mean) < 4 * b.sd / math.sqrt(3000)
+        assert abs(R.std().item() / b.sd - 1) < 0.1
+    # negative control: the wrong (pairwise, not mean-of-pairs) sd is far off
+    wrong_sd = math.sqrt(2 * 4**2 * 28**2 / (32**2 * 31 * 34)) / 4
+    assert abs(haar_overlap_samples(32, 4, 4, 3000, gen).std().item() / wrong_sd - 1) > 0.2
+
+
+def test_random_init_gpt2_shaped_weights_sit_at_the_baseline(gen):
+    """Spec Test A.16 item 1: i.i.d. N(0, 0.02^2) c_attn query blocks, 12 layers x 12 heads, d = 768: mean R =
+    1/12 within 4 standard errors (sd/sqrt(12) = 6e-5), every layer within 5 sd."""
+    b = haar_overlap_baseline(768, 64, 12)
+    W = 0.02 * torch.randn(12, 768, 768, generator=gen).reshape(12, 768, 12, 64).transpose(1, 2)
+    R = head_overlap(W.double())
+    assert abs(R.mean().item() - 1 / 12) < 4 * b.sd / math.sqrt(12)
+    assert ((R - b.mean).abs() < 5 * b.sd).all()
+
+
+def test_shared_head_construction_tends_to_one(gen):
+    """W_h = S + eps N_h: R -> 1 as eps -> 0, with 1 - R = O(eps^2)."""
+    S = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    N = torch.randn(6, 64, 8, generator=gen, dtype=torch.float64)
+    gaps = [1 - float(head_overlap(S + eps * N)) for eps in (1e-1, 1e-2, 1e-3)]
+    assert gaps[0] > gaps[1] > gaps[2] > 0
+    assert 50 < gaps[0] / gaps[1] < 200 and 50 < gaps[1] / gaps[2] < 200
+    assert float(head_overlap(S + 10 * N)) < 0.3  # large noise: back near d_k/d = 0.125
+
+
+def test_bad_input(gen):
+    with pytest.raises(ValueError, match="at least 2 heads"):
+        head_overlap(torch.randn(1, 8, 2, generator=gen))
+    with pytest.raises(ValueError, match=r"\[\.\.\., H, d, d_k\]"):
+        head_overlap(torch.randn(8, 2, generator=gen))
+    W = torch.randn(3, 8, 2, generator=gen)
+    W[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        overlap_matrix(W)
+    W = torch.randn(3, 8, 2, generator=gen, dtype=torch.float64)
+    W[2, :, 1] = W[2, :, 0]  # one rank-deficient head
+    with pytest.raises(ValueError, match="rank differs"):
+        head_overlap(W)
+    with pytest.raises(TypeError):
+        head_overlap([[1.0]])
+    with pytest.raises(ValueError, match="1 <= d_k <= d"):
+        haar_overlap_baseline(8, 9, 2)
+    with pytest.raises(ValueError, match="at least 2 heads"):
+        haar_overlap_baseline(8, 2, 1)
+    with pytest.raises(TypeError):
+        haar_overlap_baseline(8.0, 2, 2)
+    with pytest.raises(ValueError, match="n must be"):
+        haar_overlap_samples(8, 2, 2, 0)
+
+
+def test_profile_of_a_tiny_model_matches_per_layer_R():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_head=4, n_layer=3, n_positions=8, vocab_size=11))
+    prof = overlap_profile(model, dtype=torch.float64)
+    assert (prof.d, prof.H, prof.H_kv, prof.d_k, prof.layers) == (32, 4, 4, 8, [0, 1, 2])
+    for (layer, W), R in zip(query_heads(model, dtype=torch.float64), prof.R):
+        assert abs(_pair_loop(W) - R) < 1e-12
+    sel = overlap_profile(model, [2], dtype=torch.float64)
+    assert sel.layers == [2] and sel.R == [prof.R[2]]
+    out = prof.to_dict()
+    assert out["baseline"] == 8 / 32 and out["layers"][1]["excess"] == pytest.approx(prof.R[1] - 0.25)
