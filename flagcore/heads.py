@@ -81,42 +81,73 @@ def output_heads(source, layers=None, *, dtype: torch.dtype = torch.float32) -> 
 # --------------------------------------------------------------------------- the overlap score
 
 
-def _bases(W: Tensor, assume_orthonormal: bool) -> Tensor:
+def _check_heads(W: Tensor) -> Tensor:
     W = _check_matrix("W", W)
     if W.ndim < 3:
         raise ValueError(f"head weights must have shape [..., H, d, d_k], got {tuple(W.shape)}")
     if W.shape[-3] < 2:
         raise ValueError(f"the overlap needs at least 2 heads, got H = {W.shape[-3]}")
-    return W if assume_orthonormal else orthonormal_basis(W)
+    return W
+
+
+def _normalised_gram(W: Tensor, assume_orthonormal: bool) -> tuple[Tensor, int]:
+    """The Gram matrix of the heads' orthonormal bases, ``[..., H*r, H*r]`` with block (i, j) = ``Q_i^T Q_j``.
+
+    Fast path (least arithmetic): one raw Gram product ``G = F^T F`` of the stacked weights
+    ``F = [W_1 | ... | W_H]``, then whitening by the Cholesky factors of its diagonal blocks,
+    ``Q_i^T Q_j = L_i^{-1} G_ij L_j^{-T}`` with ``G_ii = L_i L_i^T``. This is exact for full-rank heads and
+    needs no orthonormalisation of the ``d x d_k`` weights. It runs in float64 (the Gram squares the
+    condition number, so float32 would lose digits), and falls back to SVD bases
+    (:func:`flagcore.subspace.orthonormal_basis`) when a head is rank-deficient or too ill-conditioned for
+    the Cholesky route (``cond(G_ii) > 1e8``).
+    """
+    W = _check_heads(W)
+    *batch, H, d, k = W.shape
+    if assume_orthonormal:
+        Q = W
+    else:
+        F = W.to(torch.float64).transpose(-3, -2).reshape(*batch, d, H * k)
+        G = F.transpose(-1, -2) @ F  # the one Gram product
+        blocks = torch.diagonal(G.reshape(*batch, H, k, H, k), dim1=-4, dim2=-2).movedim(-1, -3)  # [..., H, k, k]
+        L, info = torch.linalg.cholesky_ex(blocks)
+        eig = torch.linalg.eigvalsh(blocks)
+        well_conditioned = bool((info == 0).all()) and bool((eig[..., 0] > 1e-8 * eig[..., -1]).all())
+        if well_conditioned:
+            eye = torch.eye(k, dtype=G.dtype, device=G.device)
+            Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)  # [..., H, k, k]
+            Gb = G.reshape(*batch, H, k, H, k)
+            # block (i, j) -> Linv_i @ G_ij @ Linv_j^T
+            Gw = torch.einsum("...iab,...ibjc,...jdc->...iajd", Linv, Gb, Linv)
+            return Gw.reshape(*batch, H * k, H * k).to(W.dtype), k
+        Q = orthonormal_basis(W)
+    *batch, H, d, r = Q.shape
+    flat = Q.transpose(-3, -2).reshape(*batch, d, H * r)  # [..., d, H*r]: head bases side by side
+    return flat.transpose(-1, -2) @ flat, r
 
 
 def overlap_matrix(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     """``[..., H, H]`` matrix ``O_ij = ||Q_i^T Q_j||_F^2 / r = tr(P_i P_j) / r`` (spec A.14, Eq. 12).
 
-    ``W``: ``[..., H, d, d_k]`` spanning matrices of the heads (any scaling; orthonormalised with
-    :func:`flagcore.subspace.orthonormal_basis`, rank ``r`` = ``d_k`` generically; a rank that differs
-    between heads is an error). One Gram product of the stacked bases ``[d, H*r]`` per batch item.
-    ``O`` is symmetric with unit diagonal and entries in [0, 1].
+    ``W``: ``[..., H, d, d_k]`` spanning matrices of the heads (any scaling; rank ``r`` = ``d_k``
+    generically; rank-deficient heads are orthonormalised with :func:`flagcore.subspace.orthonormal_basis`,
+    and a rank that differs between heads is an error). One Gram product per batch item, see
+    :func:`_normalised_gram`. ``O`` is symmetric with unit diagonal and entries in [0, 1].
     """
-    Q = _bases(W, assume_orthonormal)
-    *batch, H, d, r = Q.shape
-    flat = Q.transpose(-3, -2).reshape(*batch, d, H * r)  # [..., d, H*r]: head bases side by side
-    gram = flat.transpose(-1, -2) @ flat  # [..., H*r, H*r], block (i, j) = Q_i^T Q_j
+    gram, r = _normalised_gram(W, assume_orthonormal)
+    *batch, n, _ = gram.shape
+    H = n // r
     return gram.reshape(*batch, H, r, H, r).square().sum(dim=(-3, -1)) / r
 
 
 def head_overlap(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     """``R`` of Eq. (10)/(12) for heads ``W`` ``[..., H, d, d_k]``; returns ``[...]`` (0-dim for one layer).
 
-    Computed without a loop over pairs and with one Gram product: with ``F = [Q_1 | ... | Q_H]``,
-    ``sum_{i,j} ||Q_i^T Q_j||_F^2 = ||F^T F||_F^2 = ||F F^T||_F^2`` (the smaller of the two Gram
-    matrices is formed), and the diagonal terms are ``||Q_i^T Q_i||_F^2 = r`` each, so
-    ``R = (||F^T F||_F^2 - H r) / (r H (H-1))``. Rank ``r`` as in :func:`overlap_matrix`.
+    No loop over pairs: with ``F = [Q_1 | ... | Q_H]``, ``sum_{i,j} ||Q_i^T Q_j||_F^2 = ||F^T F||_F^2``, and
+    the diagonal terms are ``||Q_i^T Q_i||_F^2 = r`` each, so ``R = (||F^T F||_F^2 - H r) / (r H (H-1))``.
+    ``F^T F`` comes from one raw Gram product, whitened per head (:func:`_normalised_gram`).
     """
-    Q = _bases(W, assume_orthonormal)
-    *batch, H, d, r = Q.shape
-    flat = Q.transpose(-3, -2).reshape(*batch, d, H * r)
-    gram = flat @ flat.transpose(-1, -2) if d < H * r else flat.transpose(-1, -2) @ flat
+    gram, r = _normalised_gram(W, assume_orthonormal)
+    H = gram.shape[-1] // r
     total = gram.square().sum(dim=(-2, -1))
     return (total - H * r) / (r * H * (H - 1))
 

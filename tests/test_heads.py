@@ -160,3 +160,26 @@ def test_profile_of_a_tiny_model_matches_per_layer_R():
     assert sel.layers == [2] and sel.R == [prof.R[2]]
     out = prof.to_dict()
     assert out["baseline"] == 8 / 32 and out["layers"][1]["excess"] == pytest.approx(prof.R[1] - 0.25)
+
+
+def test_whitened_gram_fast_path_equals_svd_bases_and_falls_back_on_rank_deficiency():
+    """The Cholesky-whitened raw Gram (fast path) gives the same R as explicit SVD bases; a rank-deficient
+    head takes the SVD route instead of producing garbage (negative control for the fast path)."""
+    from flagcore.heads import _normalised_gram
+    from flagcore.subspace import orthonormal_basis
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(5, 40, 6, generator=g, dtype=torch.float64)
+    W = W @ torch.diag(torch.logspace(0, 3, 6, dtype=torch.float64))  # cond 1e3 per head: still fast path
+    Q = orthonormal_basis(W)
+    R_svd = head_overlap(Q, assume_orthonormal=True)
+    assert torch.allclose(head_overlap(W), R_svd, rtol=0, atol=1e-12)
+    gram, r = _normalised_gram(W, assume_orthonormal=False)
+    assert r == 6 and torch.allclose(torch.diagonal(gram), torch.ones(30, dtype=torch.float64), atol=1e-12)
+
+    deficient = W.clone()
+    deficient[..., -1] = deficient[..., 0]  # every head has rank 5
+    R_def = head_overlap(deficient)
+    R_ref = head_overlap(orthonormal_basis(deficient), assume_orthonormal=True)
+    assert torch.allclose(R_def, R_ref, atol=1e-12)
+    assert _normalised_gram(deficient, assume_orthonormal=False)[1] == 5
