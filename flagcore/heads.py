@@ -23,20 +23,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .subspace import _as_int, _check_matrix, haar_frames, orthonormal_basis
+from .subspace import _as_int, _check_matrix, haar_frames, orthonormal_basis, principal_angles
 from .weights import iter_layers, open_source, repeat_kv
 
 __all__ = [
     "HaarBaseline",
     "OverlapProfile",
+    "cut_linkage",
+    "haar_angle_samples",
     "haar_overlap_baseline",
     "haar_overlap_samples",
     "head_overlap",
     "key_heads",
+    "leaf_order",
+    "linkage",
     "output_heads",
     "overlap_matrix",
     "overlap_profile",
+    "pair_angles",
+    "planted_copies",
     "query_heads",
+    "shared_core_heads",
+    "top_pairs",
     "value_heads",
 ]
 
@@ -266,3 +274,245 @@ def overlap_profile(
     if profile is None:
         raise ValueError("no layers selected")
     return profile
+
+
+# --------------------------------------------------------------------------- beyond R: structure of the overlaps
+#
+# R (Eq. 10/12) is the mean of the off-diagonal entries of the overlap matrix O, so it cannot tell a few
+# identical heads (a block of ones in O, the rest near d_k/d) from many partially overlapping ones (every
+# entry near R): the paper's limitation 3. The functions below keep the information R averages away: the
+# pairs' principal angles, against their Haar law, and a hierarchical clustering of the heads on 1 - O.
+
+_LINKAGES = ("single", "complete", "average")
+
+
+def top_pairs(O: Tensor, n: int) -> Tensor:
+    """The ``n`` most overlapping head pairs ``(i, j)``, ``i < j``, by ``O_ij`` descending: ``[n, 2]`` int64.
+
+    ``O``: an ``[H, H]`` overlap matrix (:func:`overlap_matrix`). Ties are broken by the flat index
+    (row-major), so the order is deterministic.
+    """
+    O = _check_square("O", O)
+    n = _as_int("n", n)
+    H = O.shape[-1]
+    if not 1 <= n <= H * (H - 1) // 2:
+        raise ValueError(f"n must be in [1, H(H-1)/2] = [1, {H * (H - 1) // 2}], got {n}")
+    i, j = torch.triu_indices(H, H, offset=1, device=O.device)
+    values = O[i, j]
+    order = torch.sort(-values, stable=True).indices[:n]
+    return torch.stack([i[order], j[order]], dim=-1)
+
+
+def pair_angles(W: Tensor, pairs: Tensor) -> Tensor:
+    """Principal angles (radians, ascending) between heads ``W[i]`` and ``W[j]`` for each row ``(i, j)`` of
+    ``pairs``: ``[P, r]`` from ``W`` ``[H, d, d_k]`` and ``pairs`` ``[P, 2]``.
+
+    One batched call of :func:`flagcore.subspace.principal_angles` (spec A.14: ``O_ij = sum_a cos^2 theta_a / r``).
+    """
+    W = _check_heads(W)
+    if W.ndim != 3:
+        raise ValueError(f"W must have shape [H, d, d_k], got {tuple(W.shape)}")
+    if not isinstance(pairs, Tensor) or pairs.dtype not in (torch.int32, torch.int64):
+        raise TypeError("pairs must be an integer torch.Tensor of shape [P, 2]")
+    if pairs.ndim != 2 or pairs.shape[-1] != 2 or pairs.shape[0] == 0:
+        raise ValueError(f"pairs must have shape [P, 2] with P >= 1, got {tuple(pairs.shape)}")
+    H = W.shape[0]
+    if bool((pairs < 0).any()) or bool((pairs >= H).any()):
+        raise ValueError(f"pair indices must lie in [0, H) = [0, {H}), got {pairs.tolist()}")
+    pairs = pairs.to(device=W.device, dtype=torch.int64)
+    return principal_angles(W[pairs[:, 0]], W[pairs[:, 1]])
+
+
+def haar_angle_samples(
+    d: int, d_k: int, n: int, generator: torch.Generator | None = None, *, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """``[n, d_k]`` principal angles (ascending) between ``n`` independent pairs of Haar ``d_k``-planes in R^d.
+
+    The Monte-Carlo null for :func:`pair_angles` (its quantiles per angle index are the Haar band of the
+    angle spectrum). Exact check: ``E sum_a cos^2 theta_a = d_k^2 / d`` (spec A.14).
+    """
+    d, d_k, n = (_as_int(k, v) for k, v in (("d", d), ("d_k", d_k), ("n", n)))
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    frames = haar_frames(d, d_k, 2 * n, generator, dtype=dtype).reshape(n, 2, d, d_k)
+    return principal_angles(frames[:, 0], frames[:, 1])
+
+
+def _check_square(name: str, D: Tensor) -> Tensor:
+    if not isinstance(D, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(D).__name__}")
+    if D.ndim != 2 or D.shape[0] != D.shape[1] or D.shape[0] < 2:
+        raise ValueError(f"{name} must be a square [H, H] matrix with H >= 2, got {tuple(D.shape)}")
+    if D.is_complex():
+        raise ValueError(f"{name} must be real")
+    D = D.to(torch.float64) if not D.is_floating_point() else D
+    if not bool(torch.isfinite(D).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return D
+
+
+def linkage(D: Tensor, method: str = "average", *, atol: float = 1e-10) -> Tensor:
+    """Agglomerative (hierarchical) clustering of a distance matrix, in scipy's ``linkage`` format.
+
+    ``D``: ``[n, n]`` symmetric, non-negative, zero diagonal (checked to ``atol``), e.g. ``1 - O`` for an
+    overlap matrix. ``method``: ``single`` (min), ``complete`` (max) or ``average`` (UPGMA: the mean of
+    the pairwise distances between the two clusters), by the Lance-Williams updates. Returns
+    ``Z`` ``[n-1, 4]`` float64: row ``t`` merges clusters ``Z[t,0] < Z[t,1]`` (ids < n are points, id
+    ``n + s`` is the cluster formed at row ``s``) at height ``Z[t,2]`` into a cluster of ``Z[t,3]`` points,
+    exactly as ``scipy.cluster.hierarchy.linkage(squareform(D), method)``. The naive O(n^3) greedy
+    algorithm (always merge the closest pair; ties by the lowest flat index), pure torch: meant for head
+    counts (n of order 10-100). All three methods are monotone, so the heights are non-decreasing.
+    """
+    D = _check_square("D", D)
+    if method not in _LINKAGES:
+        raise ValueError(f"method must be one of {_LINKAGES}, got {method!r}")
+    if not torch.allclose(D, D.T, atol=atol, rtol=0):
+        raise ValueError(f"D must be symmetric (to atol={atol})")
+    if bool((D < -atol).any()) or bool((torch.diagonal(D).abs() > atol).any()):
+        raise ValueError(f"D must be non-negative with a zero diagonal (to atol={atol})")
+    n = D.shape[0]
+    dist = ((D + D.T) / 2).to(torch.float64).clamp_min(0.0).clone()
+    inf = torch.tensor(math.inf, dtype=dist.dtype, device=dist.device)
+    dist.fill_diagonal_(math.inf)
+    size = [1.0] * n
+    ids = list(range(n))
+    active = torch.ones(n, dtype=torch.bool, device=dist.device)
+    Z = torch.empty(n - 1, 4, dtype=torch.float64)
+    for step in range(n - 1):
+        masked = torch.where(active[:, None] & active[None, :], dist, inf)
+        flat = int(torch.argmin(masked))
+        a, b = divmod(flat, n)
+        a, b = min(a, b), max(a, b)
+        height = float(dist[a, b])
+        Z[step] = torch.tensor([min(ids[a], ids[b]), max(ids[a], ids[b]), height, size[a] + size[b]], dtype=torch.float64)
+        if method == "single":
+            new = torch.minimum(dist[a], dist[b])
+        elif method == "complete":
+            new = torch.maximum(dist[a], dist[b])
+        else:
+            new = (size[a] * dist[a] + size[b] * dist[b]) / (size[a] + size[b])
+        dist[a, :] = new
+        dist[:, a] = new
+        dist[a, a] = math.inf
+        size[a] += size[b]
+        ids[a] = n + step
+        active[b] = False
+    return Z
+
+
+def _check_linkage(Z: Tensor) -> int:
+    if not isinstance(Z, Tensor):
+        raise TypeError(f"Z must be a torch.Tensor, got {type(Z).__name__}")
+    if Z.ndim != 2 or Z.shape[-1] != 4 or Z.shape[0] < 1:
+        raise ValueError(f"Z must be a linkage matrix [n-1, 4] (see flagcore.heads.linkage), got {tuple(Z.shape)}")
+    return Z.shape[0] + 1
+
+
+def cut_linkage(Z: Tensor, threshold: float) -> Tensor:
+    """Flat clusters: apply the merges of ``Z`` with height ``<= threshold``; ``[n]`` int64 labels ``0, 1, ...``
+    numbered by first appearance (point 0 is in cluster 0). Same partition as
+    ``scipy.cluster.hierarchy.fcluster(Z, threshold, criterion="distance")`` for monotone linkages.
+    """
+    n = _check_linkage(Z)
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    rep = list(range(n)) + [0] * (n - 1)  # a representative point of every cluster id
+    for t in range(n - 1):
+        a, b, h = int(Z[t, 0]), int(Z[t, 1]), float(Z[t, 2])
+        if not (0 <= a < n + t and 0 <= b < n + t):
+            raise ValueError(f"Z row {t} merges ids ({a}, {b}); only ids < {n + t} exist at that step")
+        rep[n + t] = rep[a]
+        if h <= threshold:
+            parent[find(rep[a])] = find(rep[b])
+    labels, seen = [], {}
+    for i in range(n):
+        labels.append(seen.setdefault(find(i), len(seen)))
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+def leaf_order(Z: Tensor) -> Tensor:
+    """The dendrogram's left-to-right leaf order (``scipy.cluster.hierarchy.leaves_list``): ``[n]`` int64.
+    Use it to permute an overlap matrix so that clusters appear as diagonal blocks."""
+    n = _check_linkage(Z)
+    order, stack = [], [2 * n - 2]
+    while stack:
+        node = stack.pop()
+        if node < n:
+            order.append(node)
+        else:
+            t = node - n
+            stack.append(int(Z[t, 1]))  # right child popped after the left one
+            stack.append(int(Z[t, 0]))
+    return torch.tensor(order, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- synthetic heads with a chosen R
+
+
+def planted_copies(
+    H: int, d: int, d_k: int, copies: int, generator: torch.Generator | None = None, *, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """``[H, d, d_k]`` heads: the first ``copies`` span one common Haar plane (each with its own random
+    basis of it, so the weights differ), the other ``H - copies`` are independent Haar planes.
+
+    Overlap matrix: a ``copies x copies`` block of ones, the rest ``~ d_k/d``; so
+    ``E[R] = [c(c-1) + (H(H-1) - c(c-1)) d_k/d] / (H(H-1))`` with ``c = copies``.
+    """
+    H, d, d_k, copies = (_as_int(k, v) for k, v in (("H", H), ("d", d), ("d_k", d_k), ("copies", copies)))
+    if H < 2 or not 2 <= copies <= H:
+        raise ValueError(f"need H >= 2 and 2 <= copies <= H, got H={H}, copies={copies}")
+    frames = haar_frames(d, d_k, H - copies + 1, generator, dtype=dtype)
+    mix = haar_frames(d_k, d_k, copies, generator, dtype=dtype)  # random in-plane bases
+    shared = frames[0] @ mix  # [copies, d, d_k], one span
+    return torch.cat([shared, frames[1:]], dim=0)
+
+
+def shared_core_heads(
+    H: int,
+    d: int,
+    d_k: int,
+    R: float,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    tol: float = 1e-12,
+) -> Tensor:
+    """``[H, d, d_k]`` heads that all partially overlap, with head overlap exactly ``R`` (to ``tol``).
+
+    Head ``h`` spans ``U + s G_h``: one common Haar frame ``U`` plus its own Gaussian perturbation ``G_h``
+    (entries N(0, 1/d)); ``s`` is found by bisection on ``log s`` so that :func:`head_overlap` equals
+    ``R``. Every pair then has about the same overlap ``O_ij ~ R`` and no two heads share a direction.
+    ``R`` must lie strictly between the value at the largest scale tried (``s = 1e4``, about ``d_k/d``)
+    and 1.
+    """
+    H, d, d_k = (_as_int(k, v) for k, v in (("H", H), ("d", d), ("d_k", d_k)))
+    R = float(R)
+    U = haar_frames(d, d_k, 1, generator, dtype=dtype)[0]
+    G = torch.randn(H, d, d_k, generator=generator, dtype=dtype, device=U.device) / math.sqrt(d)
+
+    def r_of(log_s: float) -> float:
+        return float(head_overlap(U + math.exp(log_s) * G))
+
+    lo, hi = math.log(1e-6), math.log(1e4)  # r_of(lo) ~ 1, r_of(hi) ~ d_k/d
+    r_lo, r_hi = r_of(lo), r_of(hi)
+    if not r_hi < R < r_lo:
+        raise ValueError(f"R must lie in ({r_hi:.6f}, {r_lo:.6f}) for d={d}, d_k={d_k}, H={H}; got {R}")
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        r_mid = r_of(mid)
+        if abs(r_mid - R) <= tol:
+            break
+        if r_mid > R:
+            lo = mid
+        else:
+            hi = mid
+    return U + math.exp(mid) * G

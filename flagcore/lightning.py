@@ -49,6 +49,9 @@ __all__ = [
     "flatten_weights",
     "parameter_count",
     "virtual_weights",
+    "quadric_layer",
+    "factor_quadric",
+    "fit_layer_av",
 ]
 
 Weights = Sequence[tuple[Tensor, Tensor, Tensor]]
@@ -475,3 +478,176 @@ def random_inputs(
     if min(n, d0, t) < 1:
         raise ValueError(f"n, d0 and t must be positive integers, got n = {n}, d0 = {d0}, t = {t}")
     return (scale / d0**0.5) * torch.randn(n, d0, t, generator=generator, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- Theorem 3.4: closedness
+
+
+def _check_vector(name: str, x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty vector [n], got shape {tuple(x.shape)}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{name} must be a real floating tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_quadric(q: Tensor, d: int, atol: float = 1e-12) -> Tensor:
+    q = _check_matrix("q", q, batched=False)
+    if q.shape != (d, d):
+        raise ValueError(f"q must be a symmetric [d, d] matrix with d = {d}, got {tuple(q.shape)}")
+    scale = max(1.0, q.abs().max().item())
+    if (q - q.T).abs().max().item() > atol * scale:
+        raise ValueError("q must be symmetric (it is the Gram matrix of a quadratic form)")
+    return q
+
+
+def quadric_layer(X: Tensor, v: Tensor, w: Tensor, q: Tensor) -> Tensor:
+    """The cubic map ``f(X)_i = (v^T x_i) w sum_j x_j^T q x_j`` (spec lightning.md §5.1, membership criterion).
+
+    ``X: [..., d, t]`` (tokens as columns), ``v: [d]``, ``w: [d']``, ``q: [d, d]`` symmetric -> ``[..., d', t]``.
+    For ``q = u u^T`` this is the boundary point ``phi_{u v^T, w u^T}`` of Theorem 3.4(2); for
+    ``q = (u z^T + z u^T)/2`` it equals ``phi_{u v^T, w z^T}``. By Prop. A.5 / Cor. A.6 (spec §5.1) the map
+    lies in the single-layer neuromanifold iff ``q`` is a product of two real linear forms (rank <= 1, or
+    rank 2 and indefinite); a definite rank-2 ``q`` gives a point of the Zariski closure outside ``M``.
+    """
+    X = _check_matrix("X", X)
+    d = X.shape[-2]
+    v, w = _check_vector("v", v), _check_vector("w", w)
+    if v.shape[0] != d:
+        raise ValueError(f"v must have length d = {d} (rows of X), got {v.shape[0]}")
+    q = _check_quadric(q, d)
+    energy = torch.einsum("...kj,kl,...lj->...", X, q, X)  # sum_j x_j^T q x_j
+    lin = torch.einsum("k,...kt->...t", v, X)  # v^T x_i
+    return w[:, None] * (energy[..., None] * lin)[..., None, :]
+
+
+def factor_quadric(q: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tensor] | None:
+    """Real linear forms ``u, z`` with ``(u z^T + z u^T)/2 = q``, or ``None`` if none exist.
+
+    ``q: [d, d]`` symmetric. Eigenvalues below ``rtol * max|eigenvalue|`` count as zero. A factorisation exists
+    iff ``q`` has rank <= 1, or rank 2 with eigenvalues of opposite signs (the membership criterion of
+    spec lightning.md §5.1): for ``q = l1 e1 e1^T - l2 e2 e2^T`` (``l1, l2 > 0``) take
+    ``u = sqrt(l1) e1 + sqrt(l2) e2``, ``z = sqrt(l1) e1 - sqrt(l2) e2``; for rank 1, ``q = s l e e^T``,
+    take ``u = sqrt(l) e``, ``z = s sqrt(l) e``. Then ``quadric_layer(X, v, w, q) == phi_{u v^T, w z^T}(X)``.
+    """
+    q = _check_matrix("q", q, batched=False)
+    q = _check_quadric(q, q.shape[0], atol=1e-12)
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must lie in (0, 1), got {rtol}")
+    evals, evecs = torch.linalg.eigh(q)
+    top = evals.abs().max()
+    if top == 0:
+        z = torch.zeros_like(q[0])
+        return z, z.clone()
+    big = evals.abs() > rtol * top
+    r = int(big.sum())
+    if r == 1:
+        i = int(torch.nonzero(big)[0])
+        e, lam = evecs[:, i], evals[i]
+        root = lam.abs().sqrt()
+        return root * e, torch.sign(lam) * root * e
+    if r == 2:
+        i, j = (int(k) for k in torch.nonzero(big).flatten())
+        if evals[i] * evals[j] > 0:
+            return None  # definite on a plane: the two linear factors are complex conjugate
+        if evals[i] < 0:
+            i, j = j, i
+        a, b = evals[i].sqrt() * evecs[:, i], (-evals[j]).sqrt() * evecs[:, j]
+        return a + b, a - b
+    return None
+
+
+def fit_layer_av(
+    X: Tensor,
+    Y: Tensor,
+    restarts: int = 20,
+    steps: int = 300,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-14,
+    init: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, float]:
+    """Least-squares fit ``min_{A,V} ||phi_{A,V}(X) - Y|| / ||Y||`` by Levenberg–Marquardt (spec §8.3).
+
+    ``X: [n, d, t]`` inputs (tokens as columns), ``Y: [n, d', t]`` target outputs. Parameters are the free
+    ``A: [d, d]`` and ``V: [d', d]`` of :func:`lightning_layer_av` (i.e. ``a >= d``). After every step the pair
+    is rebalanced along the rescaling orbit ``(cA, V/c)`` (Eq. 13) to ``||A|| = ||V||``, which leaves the
+    function unchanged and keeps the fitted parameters bounded. Runs ``restarts`` random starts (Gaussian,
+    drawn from ``generator`` on the CPU) of at most ``steps`` damped Gauss–Newton steps each, stopping a
+    start once the relative residual is below ``tol``. ``init = (A, V)`` (optional) replaces the first
+    random start (continuation along a family of targets). Returns ``(A, V, relative residual)`` of the best
+    start. A residual is an upper bound on the distance to the neuromanifold on these inputs, never a
+    lower bound (the problem is non-convex).
+    """
+    X = _check_matrix("X", X)
+    Y = _check_matrix("Y", Y)
+    if X.ndim != 3 or Y.ndim != 3 or X.shape[0] != Y.shape[0] or X.shape[-1] != Y.shape[-1]:
+        raise ValueError(f"X must be [n, d, t] and Y [n, d', t] with the same n and t, got {tuple(X.shape)} and {tuple(Y.shape)}")
+    restarts, steps = _as_int("restarts", restarts), _as_int("steps", steps)
+    if restarts < 1 or steps < 1:
+        raise ValueError(f"restarts and steps must be positive, got {restarts} and {steps}")
+    d, dp = X.shape[-2], Y.shape[-2]
+    norm = torch.linalg.vector_norm(Y)
+    if norm == 0:
+        return torch.zeros(d, d, dtype=X.dtype, device=X.device), torch.zeros(dp, d, dtype=X.dtype, device=X.device), 0.0
+    target = (Y / norm).reshape(-1)
+
+    def residual(p: Tensor) -> Tensor:
+        return _lightning_av(X, p[: d * d].reshape(d, d), p[d * d :].reshape(dp, d)).reshape(-1) - target
+
+    def balance(p: Tensor) -> Tensor:
+        a, v = p[: d * d], p[d * d :]
+        na, nv = torch.linalg.vector_norm(a), torch.linalg.vector_norm(v)
+        if na == 0 or nv == 0:
+            return p
+        c = (nv / na).sqrt()
+        return torch.cat([a * c, v / c])
+
+    if init is not None:
+        if not isinstance(init, (tuple, list)) or len(init) != 2:
+            raise TypeError("init must be a pair (A, V) of tensors")
+        A0 = _check_matrix("init A", init[0], batched=False)
+        V0 = _check_matrix("init V", init[1], batched=False)
+        if A0.shape != (d, d) or V0.shape != (dp, d):
+            raise ValueError(f"init must be (A [{d}, {d}], V [{dp}, {d}]), got {tuple(A0.shape)} and {tuple(V0.shape)}")
+        p_init = torch.cat([A0.reshape(-1), V0.reshape(-1)]).to(dtype=X.dtype, device=X.device) / norm.sqrt()
+
+    jac = torch.func.jacfwd(residual)
+    best = (None, float("inf"))
+    for k in range(restarts):
+        if k == 0 and init is not None:
+            p = balance(p_init)
+        else:
+            p = balance(torch.randn(d * d + d * dp, generator=generator, dtype=X.dtype).to(X.device))
+        r = residual(p)
+        cost = float(r @ r)
+        lam = 1e-3
+        for _ in range(steps):
+            if cost ** 0.5 < tol:
+                break
+            J = jac(p)
+            g = J.T @ r
+            H = J.T @ J
+            diag = torch.diagonal(H).clamp_min(1e-12)
+            while True:
+                step = torch.linalg.solve(H + lam * torch.diag(diag), -g)
+                p_new = balance(p + step)
+                r_new = residual(p_new)
+                c_new = float(r_new @ r_new)
+                if c_new < cost:
+                    p, r, cost, lam = p_new, r_new, c_new, max(lam / 5, 1e-12)
+                    break
+                lam *= 4
+                if lam > 1e12:
+                    break
+            if lam > 1e12:
+                break
+        if cost ** 0.5 < best[1]:
+            best = (p, cost ** 0.5)
+        if best[1] < tol:
+            break
+    p = best[0]
+    A, V = p[: d * d].reshape(d, d), p[d * d :].reshape(dp, d)
+    s = norm.sqrt()
+    return A * s, V * s, best[1]
