@@ -28,20 +28,12 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import best_of, write_json  # noqa: E402  (sibling module; scripts run from benchmarks/)
 
 from flagcore import frobenius_overlap
 from flagcore.heads import head_overlap, overlap_profile
 from flagcore.weights import open_source
 
-
-def best_of(fn, repeat: int) -> float:
-    fn()  # warm-up (also warms the page cache, for both sides alike)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def profile_vs_floor(model: str, repeat: int) -> dict:
@@ -202,9 +194,7 @@ def main() -> int:
               f"peak anonymous RSS growth {row['peak_growth_bytes'] / mib:.1f} MiB (mapped file pages +{row['file_mapped_growth_bytes'] / mib:.0f} MiB) = {row['peak_over_one_layer_query_x']:.1f}x one layer's fp32 query "
               f"({row['one_layer_query_fp32_bytes'] / mib:.0f} MiB; one layer's bf16 attention {row['one_layer_attention_bf16_bytes'] / mib:.0f} MiB), "
               f"{100 * row['peak_over_checkpoint']:.1f}% of the checkpoint; mean R {row['mean_R']:.4f} vs d_k/d {row['baseline']:.4f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    write_json(results, args.json)
     return 0
 
 

@@ -23,12 +23,12 @@ the ratio of their wall times is the number to report (absolute times on a share
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 
 import torch
+from _timing import write_json  # noqa: E402  (sibling module; scripts run from benchmarks/)
 from torch import nn
 
 from flagcore.neuromanifold import estimate_dimension, expected_dimension
@@ -123,9 +123,7 @@ def main() -> int:
         "public_style_s_per_delta": public_times,
         "speedup_x": public_s / ours_s,
     }
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    write_json(results, args.json)
     return 0
 
 

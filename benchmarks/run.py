@@ -10,26 +10,16 @@ The ratio loop/batched is the number to watch; the machine is printed with it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import time
 
 import numpy as np
 import scipy.linalg
 import torch
+from _timing import best_of, write_json  # noqa: E402  (sibling module; scripts run from benchmarks/)
 
 from flagcore import frobenius_overlap, haar_frames, principal_angles
 
-
-def best_of(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def principal_angles_case(n: int, d: int, k: int, repeat: int) -> dict[str, float]:
@@ -72,9 +62,7 @@ def main() -> int:
     for name, row in results["cases"].items():
         ratios = ", ".join(f"{key[:-2]} {value:.1f}x" for key, value in row.items() if key.endswith("_x"))
         print(f"{name:<40} batched {row['batched_s'] * 1e3:8.2f} ms | speed-up vs {ratios}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    write_json(results, args.json)
     return 0
 
 

@@ -26,6 +26,7 @@ from .subspace import (
     _as_int,
     _check_matrix,
     _check_same_ambient,
+    haar_frames,
     intersection_dim,
     orthonormal_basis,
     principal_angles,
@@ -267,9 +268,7 @@ def random_flag(
     Returns orthonormal bases ``[d, r_l]`` (spec Test A.4's construction).
     """
     d, rs = _check_ranks(d, ranks)
-    Q, R = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=dtype))
-    signs = torch.sign(torch.diagonal(R))
-    B = Q * torch.where(signs == 0, torch.ones_like(signs), signs)
+    B = haar_frames(d, d, 1, generator, dtype=dtype)[0]
     return [B[:, :r].clone() for r in rs]
 
 
