@@ -46,3 +46,162 @@ def test_parameters_are_injected_and_success_is_recorded(stage):
     assert record["notebook"] == "notebooks/good" and record["seconds"] > 0
     executed = nbformat.read(path, as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+
+
+# --- the results dashboard (tools/results.py) ------------------------------------------------------
+
+import json  # noqa: E402
+
+import results  # noqa: E402
+
+from flagcore import report  # noqa: E402
+
+RESULTS_CELL = (
+    "from flagcore import report\n"
+    "report.results(report.result('flag', 'Theorem 5.4', 'the claim', 'verified', ours=err, theirs=0.5, note='MiniLM for GPT-2'))"
+)
+
+
+def _executed(path: Path, rows, *, params=None, end="2026-01-02T03:04:05.000000", defaults="fast = True\nseed = 0"):
+    """A notebook as papermill leaves it: papermill metadata, and the results cell's output."""
+    nb = nbformat.v4.new_notebook()
+    cell_params = nbformat.v4.new_code_cell(defaults)
+    cell_params.metadata["tags"] = ["parameters"]
+    last = nbformat.v4.new_code_cell("report.results(...)")
+    if rows is not None:
+        bundle = report.results(*rows)._repr_mimebundle_()
+        last.outputs = [nbformat.v4.new_output("execute_result", data=bundle, execution_count=2)]
+    nb.cells = [cell_params, last]
+    if end is not None:
+        nb.metadata["papermill"] = {"parameters": params or {}, "end_time": end}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def dashboard(tmp_path):
+    stage = tmp_path / "src"
+    (stage / "book").mkdir(parents=True)
+    (stage / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nparts:\n  - caption: A\n    chapters:\n"
+        "      - file: notebooks/flag/b\n      - file: notebooks/flag/a\n      - file: notebooks/collapse/c\n      - file: book/results\n"
+    )
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nintro\n\n" + results.MARKER + "\n")
+    return stage, tmp_path / "build", page
+
+
+def test_dashboard_collects_rows_in_toc_order_with_run_parameters(dashboard):
+    stage, build, page = dashboard
+    nbdir = stage / "notebooks"
+    _executed(nbdir / "flag" / "a.ipynb", [report.result("flag", "Prop 3.3", "dims", "verified", ours=(8, 12), theirs=(8, 12))])
+    _executed(
+        nbdir / "flag" / "b.ipynb",
+        [
+            report.result("flag", "Theorem 5.4", "commutator | obstruction", "corrected", ours=1e-13),
+            report.result("lightning", "Conj 3.10", "softmax", "open"),
+        ],
+        params={"fast": False, "n_draws": 7},
+    )
+    _executed(nbdir / "collapse" / "c.ipynb", [report.result("collapse", "Dong Thm 2.2", "collapse", "heuristic", ours=0.3)])
+    records = results.write(stage, build, source_page=page)
+    assert [r["notebook"] for r in records] == ["notebooks/flag/b", "notebooks/flag/a", "notebooks/collapse/c"]
+    b = records[0]
+    assert b["parameters"] == {"fast": False, "seed": 0, "n_draws": 7} and b["injected"] == {"fast": False, "n_draws": 7}
+    assert records[1]["parameters"] == {"fast": True, "seed": 0}
+
+    text = (stage / "book" / "results.md").read_text()
+    assert results.MARKER not in text and text.startswith("# Results\n\nintro")
+    assert "**4 results** from 3 executed notebooks" in text
+    assert "1 verified, 1 corrected, 1 heuristic, 1 open" in text
+    for status in report.STATUSES:  # the legend
+        assert f"- **{status}**:" in text
+    flag = text.index("## Flag varieties")
+    lightning = text.index("## Lightning")
+    collapse = text.index("## Rank collapse")
+    assert flag < lightning < collapse < text.index("## The runs")
+    flag_part = text[flag:lightning]
+    assert flag_part.index("Theorem 5.4") < flag_part.index("Prop 3.3")  # toc order: b before a
+    assert "commutator \\| obstruction" in flag_part and "1.000e-13" in flag_part
+    assert "{doc}`b </notebooks/flag/b>`" in flag_part and "`fast=False` `n_draws=7`" in flag_part
+    assert "| Prop 3.3 | dims | **verified** | 8, 12 | 8, 12 | {doc}`a </notebooks/flag/a>` | `fast=True` |" in flag_part
+    assert "Conj 3.10" in text[lightning:collapse]
+    assert "2026-01-02 03:04 UTC" in text[text.index("## The runs"):]
+
+    data = json.loads((build / "results.json").read_text())
+    assert data["counts"]["status"] == {"verified": 1, "corrected": 1, "heuristic": 1, "open": 1}
+    assert data["counts"]["paper"] == {"flag": 2, "lightning": 1, "collapse": 1}
+    assert data["notebooks"][0]["rows"][0]["ref"] == "Theorem 5.4"
+
+    # idempotent: a second run starts again from the source page's marker
+    results.write(stage, build, source_page=page)
+    assert (stage / "book" / "results.md").read_text() == text
+
+
+def test_an_executed_notebook_without_results_is_an_error(dashboard):
+    stage, build, page = dashboard
+    _executed(stage / "notebooks" / "flag" / "a.ipynb", [report.result("flag", "P", "c", "verified")])
+    _executed(stage / "notebooks" / "flag" / "b.ipynb", None)
+    with pytest.raises(results.ResultsError, match="notebooks/flag/b: no results output"):
+        results.write(stage, build, source_page=page)
+    assert results.main(["--stage", str(stage), "--build", str(build)]) == 1
+
+
+def test_a_corrupt_results_output_is_an_error(dashboard):
+    stage, build, page = dashboard
+    path = _executed(stage / "notebooks" / "flag" / "a.ipynb", [report.result("flag", "P", "c", "verified")])
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[-1].outputs[0]["data"][report.MIME_TYPE][0]["status"] = "proved"
+    nbformat.write(nb, path)
+    with pytest.raises(results.ResultsError, match="unreadable results output"):
+        results.write(stage, build, source_page=page)
+
+
+def test_unexecuted_notebooks_are_listed_not_counted(dashboard):
+    stage, build, page = dashboard
+    _executed(stage / "notebooks" / "flag" / "a.ipynb", [report.result("flag", "P", "c", "verified")])
+    _executed(stage / "notebooks" / "flag" / "b.ipynb", None, end=None)  # staged by --only, not run
+    records = results.write(stage, build, source_page=page)
+    assert [r["executed"] for r in records] == [False, True]
+    text = (stage / "book" / "results.md").read_text()
+    assert "were not executed in this build" in text and "{doc}`b </notebooks/flag/b>`" in text
+    assert "| {doc}`b </notebooks/flag/b>` | not executed |" in text
+
+
+def test_the_page_must_keep_its_marker(dashboard, tmp_path):
+    stage, build, page = dashboard
+    _executed(stage / "notebooks" / "flag" / "a.ipynb", [report.result("flag", "P", "c", "verified")])
+    page.write_text("# Results\n")
+    with pytest.raises(results.ResultsError, match="marker"):
+        results.write(stage, build, source_page=page)
+
+
+def test_the_repository_page_has_the_marker_and_is_in_the_toc():
+    assert results.MARKER in (ROOT / "book" / "results.md").read_text()
+    assert "book/results" in (ROOT / "_toc.yml").read_text()
+
+
+@pytest.mark.slow
+def test_results_cell_survives_papermill(stage, tmp_path):
+    """End to end: papermill runs a notebook whose last cell reports; the dashboard reads it back."""
+    (stage / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: notebooks/ok\n")
+    path = _notebook(stage / "notebooks" / "ok.ipynb", "err = 2.0 ** -50", RESULTS_CELL)
+    record = build_book.execute_one(path, {"fast": False}, jobs=1)
+    assert record["status"] == "ok", record.get("error")
+    [read] = results.collect(stage)
+    assert read["executed"] and read["parameters"] == {"fast": False} and read["date"]
+    [row] = read["rows"]
+    assert row["ours"] == "8.882e-16" and row["theirs"] == "0.5" and row["note"] == "MiniLM for GPT-2"
+
+
+def test_payloads_are_moved_out_of_sphinx_sight_and_still_read(dashboard):
+    """After the dashboard is written, the staged output has no unknown MIME type; a re-run still finds the rows."""
+    stage, build, page = dashboard
+    path = _executed(stage / "notebooks" / "flag" / "a.ipynb", [report.result("flag", "P", "c", "verified", ours=2)])
+    first = results.write(stage, build, source_page=page)
+    output = nbformat.read(path, as_version=4).cells[-1].outputs[0]
+    assert report.MIME_TYPE not in output["data"] and "text/markdown" in output["data"]
+    assert output["metadata"][report.MIME_TYPE][0]["ours"] == "2"
+    nbformat.validate(nbformat.read(path, as_version=4))
+    assert results.write(stage, build, source_page=page) == first

@@ -13,7 +13,10 @@ Steps (all under _build/, nothing in the working tree is modified):
    limited to ``2 // jobs`` torch threads so that parallel notebooks do not oversubscribe the cores.
    Per-notebook wall time is printed and written to _build/execution-report.json and to the book's
    execution-status page. Any failing notebook fails the run, with its error printed.
-3. **build**: ``jupyter-book build . -W -n --keep-going`` inside _build/src, HTML to _build/html.
+3. **results**: collect every notebook's results cell (``flagcore.report.results``) into the book's
+   results dashboard, _build/src/book/results.md and _build/results.json (tools/results.py). An executed
+   notebook that reports nothing fails the run.
+4. **build**: ``jupyter-book build . -W -n --keep-going`` inside _build/src, HTML to _build/html.
 
 The Colab/Binder launch buttons of each page point at the repository's output-free ``.ipynb``
 twin, because the staged tree mirrors the repository's layout.
@@ -37,6 +40,9 @@ from pathlib import Path
 import jupytext
 import nbformat
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results as results_dashboard  # noqa: E402  (tools/results.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
@@ -230,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== FAILED: {record['notebook']} ===\n{record['error']}", file=sys.stderr)
     if failed:
         print(f"\n{len(failed)} notebook(s) failed; the book was not built.", file=sys.stderr)
+        return 1
+    if results_dashboard.main(["--stage", str(STAGE), "--build", str(BUILD)]) != 0:
+        print("the results dashboard could not be built; the book was not built.", file=sys.stderr)
         return 1
     if not args.no_build:
         build()
