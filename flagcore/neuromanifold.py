@@ -8,7 +8,18 @@
   directions), row-normalised Jacobian, an explicit relative tolerance and the singular-value gap at
   the cut, so that a reader can see whether the rank is unambiguous.
 * :func:`estimate_dimension` applies it to the attention networks of :mod:`flagcore.lightning` at a
-  random parameter on random inputs ("stochastic finite elements", spec §7.4 and §8.0).
+  random parameter on random inputs ("stochastic finite elements", spec §7.4 and §8.0), with the
+  attention networks' Jacobian propagated in closed form (:func:`attention_jacobian`, checked against
+  the generic :func:`jacobian_forward` in the tests) and a **saturation certificate**: the rank is
+  recomputed without the last few inputs, and must not change.
+
+Why saturation certifies the number of inputs: let ``K_N`` be the kernel of the Jacobian restricted to
+``N`` inputs. ``K_{N+1} <= K_N``, and if ``K_N`` is larger than the kernel on all inputs, some tangent
+``v in K_N`` moves the output at some input, so (the output being real-analytic in the input) at almost
+every input; a generic new input then removes ``v``, and the rank grows. Hence, for generic inputs,
+``rank(N - h) == rank(N)`` for some ``h >= 1`` implies that ``rank(N - h)`` already equals the rank on
+all inputs, i.e. the dimension. With too few inputs, the rank still grows from ``N - h`` to ``N``, and
+the estimate reports ``saturated = False`` (not certified) instead of silently returning a low rank.
 
 Why this recipe (spec §9): the authors' public code loops over the ``N t d_l`` outputs with one
 backward pass each, in float32, and uses ``matrix_rank``'s default tolerance ``max(m, n) eps_32``;
@@ -28,9 +39,18 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from .lightning import _check_dims, _network, _network_tokens, flatten_weights, parameter_count, random_inputs, random_weights, split_parameters
+from .lightning import _check_dims, flatten_weights, parameter_count, random_inputs, random_weights
 
-__all__ = ["DEFAULT_RTOL", "DimensionEstimate", "estimate_dimension", "expected_dimension", "jacobian_rank"]
+__all__ = [
+    "DEFAULT_RTOL",
+    "DimensionEstimate",
+    "attention_jacobian",
+    "estimate_dimension",
+    "expected_dimension",
+    "jacobian_forward",
+    "jacobian_rank",
+    "rank_from_jacobian",
+]
 
 #: Default relative rank tolerance for float64 Jacobians: four orders of magnitude above their round-off
 #: floor (relative singular values ~1e-16 to 1e-15 at the book's sizes), and below the smallest true singular
@@ -110,6 +130,10 @@ class DimensionEstimate:
         n_params: number of parameters (columns of the Jacobian).
         n_outputs: number of output coordinates (rows).
         rtol: the relative tolerance used.
+        samples: number of inputs ``N`` behind the rows (``None`` when the map has no sampled inputs).
+        holdout: number of inputs left out for the saturation check (``None``: no check was made).
+        holdout_rank: rank of the Jacobian on the first ``samples - holdout`` inputs, same tolerance
+            (``None``: no check was made).
     """
 
     rank: int
@@ -118,11 +142,28 @@ class DimensionEstimate:
     n_params: int
     n_outputs: int
     rtol: float
+    samples: int | None = None
+    holdout: int | None = None
+    holdout_rank: int | None = None
 
     @property
     def conclusive(self) -> bool:
         """``gap >= 1e3``: the cut sits in a clear spectral gap."""
         return self.gap >= CONCLUSIVE_GAP
+
+    @property
+    def saturated(self) -> bool | None:
+        """``holdout_rank == rank``: leaving the last ``holdout`` inputs out does not lower the rank, so (for
+        generic inputs) the inputs already see the whole tangent space; ``None`` when no check was made."""
+        if self.holdout_rank is None:
+            return None
+        return self.holdout_rank == self.rank
+
+    @property
+    def certified(self) -> bool:
+        """The estimate can be read as the dimension: :attr:`conclusive` (gap >= 1e3) and not shown to be
+        unsaturated (:attr:`saturated` is ``True``, or ``None`` for maps without sampled inputs)."""
+        return self.conclusive and self.saturated is not False
 
     @property
     def largest_gap_rank(self) -> int:
@@ -185,6 +226,40 @@ def jacobian_forward(f: Callable[[Tensor, Tensor], Tensor], params: Tensor, inpu
     return torch.cat(cols, dim=0).transpose(0, 1)
 
 
+def _normalized(J: Tensor, normalize_rows: bool) -> Tensor:
+    if not isinstance(J, Tensor) or J.ndim != 2:
+        raise ValueError("J must be a 2-D tensor [n_outputs, n_params]")
+    if not bool(torch.isfinite(J).all()):
+        raise ValueError("the Jacobian contains NaN or Inf (overflow in the parametrisation?)")
+    J = J.to(torch.float64)
+    if normalize_rows:
+        norms = torch.linalg.vector_norm(J, dim=1, keepdim=True)
+        J = J / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return J
+
+
+def _reduce(J: Tensor) -> Tensor:
+    """A matrix with the singular values of ``J`` and at most ``n`` rows: ``R`` of ``J = Q R`` when tall."""
+    if J.shape[0] > J.shape[1]:
+        return torch.linalg.qr(J, mode="r")[1]
+    return J
+
+
+def _from_spectrum(s: Tensor, rtol: float, n: int, m: int, **extra) -> DimensionEstimate:
+    if s.numel() == 0 or s[0] == 0:
+        return DimensionEstimate(0, s, math.inf, n, m, rtol, **extra)
+    rank = int((s > rtol * s[0]).sum())
+    if rank == s.numel() or s[rank] == 0:
+        gap = math.inf
+    else:
+        gap = float(s[rank - 1] / s[rank])
+    return DimensionEstimate(rank, s, gap, n, m, rtol, **extra)
+
+
+def _rank(s: Tensor, rtol: float) -> int:
+    return 0 if s.numel() == 0 or s[0] == 0 else int((s > rtol * s[0]).sum())
+
+
 def rank_from_jacobian(J: Tensor, rtol: float | None = None, normalize_rows: bool = True) -> DimensionEstimate:
     """Numerical rank of a Jacobian ``[n_outputs, n_params]`` with its spectral gap (float64 SVD).
 
@@ -192,26 +267,22 @@ def rank_from_jacobian(J: Tensor, rtol: float | None = None, normalize_rows: boo
     rank = #{sigma > rtol * sigma_max}; gap = sigma_rank / sigma_{rank+1}.
     """
     rtol = _check_rtol(rtol)
-    if not isinstance(J, Tensor) or J.ndim != 2:
-        raise ValueError("J must be a 2-D tensor [n_outputs, n_params]")
-    if not bool(torch.isfinite(J).all()):
-        raise ValueError("the Jacobian contains NaN or Inf (overflow in the parametrisation?)")
-    J = J.to(torch.float64)
+    J = _normalized(J, normalize_rows)
     m, n = J.shape
-    if normalize_rows:
-        norms = torch.linalg.vector_norm(J, dim=1, keepdim=True)
-        J = J / torch.where(norms > 0, norms, torch.ones_like(norms))
-    if J.shape[0] > 2 * J.shape[1]:  # tall: the singular values of R in J = QR are those of J, and cheaper
-        J = torch.linalg.qr(J, mode="r")[1]
-    s = torch.linalg.svdvals(J).cpu()
-    if s.numel() == 0 or s[0] == 0:
-        return DimensionEstimate(0, s, math.inf, n, m, rtol)
-    rank = int((s > rtol * s[0]).sum())
-    if rank == s.numel() or s[rank] == 0:
-        gap = math.inf
-    else:
-        gap = float(s[rank - 1] / s[rank])
-    return DimensionEstimate(rank, s, gap, n, m, rtol)
+    s = torch.linalg.svdvals(_reduce(J)).cpu()
+    return _from_spectrum(s, rtol, n, m)
+
+
+def _rank_with_holdout(J: Tensor, rows_kept: int, rtol: float, samples: int, holdout: int) -> DimensionEstimate:
+    """:func:`rank_from_jacobian` of ``J`` (rows normalised) plus the rank of its first ``rows_kept`` rows
+    (the Jacobian on the first ``samples - holdout`` inputs). The QR factor of the kept block is reused:
+    ``J = [J_1; J_2]`` has the singular values of ``[R_1; J_2]``."""
+    J = _normalized(J, True)
+    m, n = J.shape
+    R1 = _reduce(J[:rows_kept])
+    s1 = torch.linalg.svdvals(R1).cpu() if rows_kept > 0 else J.new_zeros(0).cpu()
+    s = torch.linalg.svdvals(_reduce(torch.cat([R1, J[rows_kept:]]))).cpu()
+    return _from_spectrum(s, rtol, n, m, samples=samples, holdout=holdout, holdout_rank=_rank(s1, rtol))
 
 
 def jacobian_rank(
@@ -232,6 +303,77 @@ def jacobian_rank(
     return rank_from_jacobian(jacobian_forward(f, params, inputs, chunk_size), rtol)
 
 
+def attention_jacobian(theta: Tensor, X: Tensor, d: Sequence[int], a: Sequence[int], normalized: bool = False) -> Tensor:
+    """Jacobian ``[N d_l t, P]`` of ``theta -> deep_network(X, split_parameters(theta, d, a), normalized)``
+    (flattened row-major from ``[N, d_l, t]``; columns in :func:`~flagcore.lightning.flatten_weights` order),
+    by forward mode written out for the attention layers: all ``P`` tangents are pushed through the
+    network at once as one tensor, layer by layer, with the product rule
+
+    * ``d(M Z) = Mdot Z + M dZ`` for ``M = Q, K, V`` (``Mdot`` a unit matrix for the layer's own entries),
+    * ``dS = d(KZ)^T QZ + (KZ)^T d(QZ)`` for the scores ``S[j, i] = <Q z_i, K z_j>``,
+    * ``dW = W * (dS - sum_j W dS)`` through the softmax over the key index ``j`` (``dW = dS`` without it),
+    * ``d(out) = d(VZ) W + VZ dW``.
+
+    Same numbers as :func:`jacobian_forward` on that map (to round-off), without per-operation autodiff
+    overhead: the tangents of layer ``i``'s own entries start at layer ``i``. Memory: about ten tensors of
+    ``max(d) * P * N * t`` entries. ``X: [N, d_0, t]`` and ``theta`` (1-D) share dtype and device.
+    """
+    d, a = _check_dims(d, a)
+    if not isinstance(X, Tensor) or X.ndim != 3 or X.shape[1] != d[0]:
+        raise ValueError(f"X must be a tensor [N, d_0 = {d[0]}, t], got {getattr(X, 'shape', type(X).__name__)}")
+    if not isinstance(theta, Tensor) or theta.ndim != 1 or theta.numel() != parameter_count(d, a):
+        raise ValueError(f"theta must be a 1-D tensor of length {parameter_count(d, a)}")
+    N, _, t = X.shape
+    kw = {"dtype": X.dtype, "device": X.device}
+    Z = X  # activations [N, d, t]
+    T = X.new_zeros((N, d[0], 0, t))  # tangents [N, d, p, t]: no direction moves the input
+    k = 0
+    for i in range(len(a)):
+        di, do, ai = d[i], d[i + 1], a[i]
+        Q = theta[k : k + ai * di].reshape(ai, di)
+        K = theta[k + ai * di : k + 2 * ai * di].reshape(ai, di)
+        V = theta[k + 2 * ai * di : k + 2 * ai * di + do * di].reshape(do, di)
+        k += 2 * ai * di + do * di
+        p0 = T.shape[2]
+        QZ, KZ, VZ = Q @ Z, K @ Z, V @ Z  # [N, ., t]
+        KZt = KZ.transpose(1, 2)  # [N, t(j), a]
+        S = KZt @ QZ  # scores [N, t(j), t(i)] = <Q z_i, K z_j>
+        W = torch.softmax(S, dim=1) if normalized else S
+        # dS [N, t(j), p', t(i)] for the earlier layers' directions, then this layer's Q and K entries E_rc
+        parts = []
+        if p0:
+            Tf = T.reshape(N, di, p0 * t)
+            dQZ, dKZ = Q @ Tf, K @ Tf  # [N, a, p0 t]
+            first = (dKZ.transpose(1, 2) @ QZ).view(N, p0, t, t).transpose(1, 2)  # d(KZ)^T QZ
+            parts.append((KZt @ dQZ).view(N, t, p0, t) + first)  # + (KZ)^T d(QZ)
+        parts.append((KZt[:, :, :, None, None] * Z[:, None, None, :, :]).reshape(N, t, ai * di, t))  # K z_j . E_rc z_i
+        parts.append((Z.transpose(1, 2)[:, :, None, :, None] * QZ[:, None, :, None, :]).reshape(N, t, ai * di, t))
+        dS = torch.cat(parts, 2)
+        if normalized:  # softmax over the key index j
+            Wb = W[:, :, None, :]
+            dW = Wb * (dS - (Wb * dS).sum(1, keepdim=True))
+        else:
+            dW = dS
+        pq = dS.shape[2]
+        Tn = (VZ @ dW.view(N, t, pq * t)).view(N, do, pq, t)  # VZ dW
+        if p0:
+            Tn[:, :, :p0] += ((V @ Tf).view(N, do * p0, t) @ W).view(N, do, p0, t)  # + d(VZ) W
+        ZW = Z @ W  # this layer's V entries E_rc: E_rc Z W
+        own_v = (torch.eye(do, **kw)[None, :, :, None, None] * ZW[:, None, None, :, :]).reshape(N, do, do * di, t)
+        T = torch.cat([Tn, own_v], 2)
+        Z = VZ @ W
+    return T.permute(0, 1, 3, 2).reshape(N * d[-1] * t, T.shape[2])  # rows (n, k, i), like [N, d_l, t]
+
+
+#: Adaptive sampling (``samples=None``): at most this many doublings of the number of inputs.
+MAX_DOUBLINGS = 5
+
+
+def _holdout(n: int) -> int:
+    """Inputs left out for the saturation check: an eighth of them, at least one."""
+    return max(1, math.ceil(n / 8))
+
+
 def estimate_dimension(
     d: Sequence[int],
     a: Sequence[int],
@@ -246,38 +388,67 @@ def estimate_dimension(
 ) -> DimensionEstimate:
     """Estimate ``dim M_{d,a}`` (lightning, or softmax with ``normalized=True``) by a Jacobian rank.
 
-    Draws weights with entries ``N(0, 1/d_{i-1})`` and ``samples`` inputs ``[d_0, tokens]`` with entries
+    Draws weights with entries ``N(0, 1/d_{i-1})``, then inputs ``[d_0, tokens]`` with entries
     ``N(0, s^2/d_0)`` (``s = input_scale``, default 1 for lightning and 3 for softmax so that the logits
-    are O(1); spec §8.0), all in float64 from ``torch.Generator().manual_seed(seed)`` on the CPU, then
-    computes the rank of ``theta -> (phi_theta(X^(n)))_n`` with :func:`jacobian_rank`.
+    are O(1); spec §8.0), all in float64 from ``torch.Generator().manual_seed(seed)`` on the CPU, and
+    ranks the row-normalised Jacobian of ``theta -> (phi_theta(X^(n)))_n`` (:func:`attention_jacobian`,
+    float64 SVD, relative tolerance ``rtol``, gap at the cut) as :func:`jacobian_rank` does.
+
+    Saturation certificate (see the module docstring): the rank is also computed without the last
+    ``holdout = max(1, ceil(N / 8))`` inputs; the result's :attr:`~DimensionEstimate.saturated` says
+    whether it stayed the same, and :attr:`~DimensionEstimate.certified` combines it with the gap.
 
     Args:
         d, a: widths ``(d_0, ..., d_l)`` and query/key widths ``(a_1, ..., a_l)``.
-        samples: number of inputs ``N``; default ``max(20, ceil(3 P / (t d_l)))`` for lightning and
-            ``max(100, ceil(3 P / (t d_l)))`` for softmax (``P`` = parameter count).
+        samples: number of inputs ``N``, used as given (a too-small ``N`` is reported as not saturated).
+            ``None`` (default): adaptive. Start with ``ceil(2 P / (t d_l))`` inputs plus the holdout
+            (twice as many Jacobian rows as parameters ``P``), and double ``N`` (new inputs from the
+            same generator) until the estimate is certified, at most ``MAX_DOUBLINGS`` times; raises
+            ``RuntimeError`` if it never is.
         rtol: relative singular-value tolerance (default 1e-11).
         device: where to compute (default CPU).
+        chunk_size: inputs per Jacobian block (bounds memory; ``None`` = all at once).
     """
     d, a = _check_dims(d, a)
     t = int(tokens)
     if isinstance(tokens, bool) or t != tokens or t < 1:
         raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"samples must be a positive integer or None, got {samples!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    rtol = _check_rtol(rtol)
     P = parameter_count(d, a)
-    if samples is None:
-        samples = max(100 if normalized else 20, math.ceil(3 * P / (t * d[-1])))
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if input_scale is None:
         input_scale = 3.0 if normalized else 1.0
     gen = torch.Generator().manual_seed(int(seed))
-    theta = flatten_weights(random_weights(d, a, gen))
-    X = random_inputs(samples, d[0], t, gen, scale=input_scale)
     dev = torch.device("cpu") if device is None else torch.device(device)
-    theta, X = theta.to(dev), X.to(dev)
+    theta = flatten_weights(random_weights(d, a, gen)).to(dev)
+    rows_per_input = t * d[-1]
 
-    forward = _network_tokens if t <= 8 else _network  # same map; the token layout is faster for small t
+    def block(n: int) -> Tensor:
+        X = random_inputs(n, d[0], t, gen, scale=input_scale).to(dev)
+        step = n if chunk_size is None else chunk_size
+        return torch.cat([attention_jacobian(theta, X[k : k + step], d, a, normalized) for k in range(0, n, step)])
 
-    def f(params: Tensor, inputs: Tensor) -> Tensor:
-        return forward(inputs, split_parameters(params, d, a), normalized)
+    def estimate(J: Tensor, n: int) -> DimensionEstimate:
+        h = _holdout(n)
+        return _rank_with_holdout(J, (n - h) * rows_per_input, rtol, n, h)
 
-    return jacobian_rank(f, theta, X, rtol, chunk_size)
+    if samples is not None:
+        return estimate(block(samples), samples)
+    n = math.ceil(2 * P / rows_per_input)
+    n += _holdout(n)
+    J = block(n)
+    for attempt in range(MAX_DOUBLINGS + 1):
+        est = estimate(J, n)
+        if est.certified:
+            return est
+        if attempt < MAX_DOUBLINGS:
+            J = torch.cat([J, block(n)])
+            n *= 2
+    raise RuntimeError(
+        f"estimate_dimension: no certified rank for d = {d}, a = {a} with up to {est.samples} inputs "
+        f"(rank {est.rank}, rank without the last {est.holdout} inputs {est.holdout_rank}, gap {est.gap:.2e}); "
+        "pass samples= explicitly to inspect the spectrum"
+    )

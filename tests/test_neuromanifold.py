@@ -9,10 +9,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flagcore.lightning import flatten_weights, random_inputs, random_weights, split_parameters, deep_network
 from flagcore.neuromanifold import (
+    MAX_DOUBLINGS,
     DimensionEstimate,
+    attention_jacobian,
     estimate_dimension,
     expected_dimension,
     jacobian_forward,
@@ -180,3 +184,133 @@ def test_largest_gap_rank_cross_check():
     # a full-rank, well-conditioned spectrum cuts at its end
     full = rank_from_jacobian(U @ torch.diag(torch.linspace(1, 0.1, 6, dtype=F64)), normalize_rows=False)
     assert full.rank == full.largest_gap_rank == 6 and math.isinf(full.gap)
+
+
+# --------------------------------------------------------------------------- closed-form tangents and the saturation certificate
+
+
+def _generic_jacobian(theta, X, d, a, normalized):
+    """Oracle: the generic vmapped-jvp Jacobian of the library's own network (deep_network)."""
+    return jacobian_forward(lambda p, x: deep_network(x, split_parameters(p, d, a), normalized), theta, X)
+
+
+@pytest.mark.parametrize(
+    "d,a,normalized,t",
+    [
+        ((3, 3, 3), (2, 2), True, 3),  # Figure 3 at delta = 3
+        ((5, 4, 4, 6), (3, 2, 2), False, 3),  # deep bottleneck lightning
+        ((4, 3, 5), (2, 3), True, 2),  # a_2 = d_1, d_l > d_0, two tokens
+        ((3, 2), (3,), False, 1),  # one token
+        ((2, 3), (5,), True, 5),  # a > d, many tokens
+        ((3, 4, 2, 3, 2), (1, 2, 2, 1), True, 4),  # depth 4, a = 1 layers
+    ],
+)
+def test_attention_jacobian_matches_generic_forward_mode(gen, d, a, normalized, t):
+    theta = flatten_weights(random_weights(d, a, gen))
+    X = random_inputs(7, d[0], t, gen, scale=2.0)
+    J = attention_jacobian(theta, X, d, a, normalized)
+    J0 = _generic_jacobian(theta, X, d, a, normalized)
+    assert J.shape == J0.shape == (7 * d[-1] * t, theta.numel())
+    assert float((J - J0).abs().max()) < 1e-13 * float(J0.abs().max())
+    # negative control: the other activation gives a different Jacobian (the check can fail)
+    J1 = _generic_jacobian(theta, X, d, a, not normalized)
+    assert float((J - J1).abs().max()) > 1e-3 * float(J0.abs().max())
+
+
+@given(
+    l=st.integers(1, 3),
+    widths=st.lists(st.integers(1, 4), min_size=4, max_size=4),
+    qk=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    t=st.integers(1, 4),
+    n=st.integers(1, 4),
+    normalized=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_attention_jacobian_property(l, widths, qk, t, n, normalized, seed):
+    """Any widths, depth, token count and batch: closed-form tangents == generic forward mode."""
+    d, a = widths[: l + 1], qk[:l]
+    g = torch.Generator().manual_seed(seed)
+    theta = flatten_weights(random_weights(d, a, g))
+    X = random_inputs(n, d[0], t, g)
+    J = attention_jacobian(theta, X, d, a, normalized)
+    J0 = _generic_jacobian(theta, X, d, a, normalized)
+    assert torch.allclose(J, J0, rtol=0, atol=1e-13 * max(1.0, float(J0.abs().max())))
+
+
+def test_attention_jacobian_bad_input(gen):
+    theta = flatten_weights(random_weights((3, 2), (2,), gen))
+    with pytest.raises(ValueError, match="X must be"):
+        attention_jacobian(theta, torch.zeros(4, 2, 3, dtype=F64), (3, 2), (2,))
+    with pytest.raises(ValueError, match="theta"):
+        attention_jacobian(theta[:-1], torch.zeros(4, 3, 3, dtype=F64), (3, 2), (2,))
+
+
+def test_explicit_samples_is_the_generic_rank_on_the_same_draws():
+    """samples=N ranks exactly the Jacobian of the documented draws (weights, then N inputs, one generator)."""
+    d, a, N = (4, 3, 4), (2, 2), 30
+    est = estimate_dimension(d, a, normalized=True, samples=N, seed=5)
+    g = torch.Generator().manual_seed(5)
+    theta = flatten_weights(random_weights(d, a, g))
+    X = random_inputs(N, d[0], 3, g, scale=3.0)
+    ref = rank_from_jacobian(_generic_jacobian(theta, X, d, a, True))
+    assert est.rank == ref.rank and est.n_outputs == ref.n_outputs == N * 4 * 3 and est.samples == N
+    assert torch.allclose(est.singular_values, ref.singular_values, rtol=1e-10, atol=1e-13 * float(ref.singular_values[0]))
+    # chunking over inputs changes nothing
+    chunked = estimate_dimension(d, a, normalized=True, samples=N, seed=5, chunk_size=7)
+    assert torch.allclose(chunked.singular_values, est.singular_values, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "d,a,normalized",
+    [
+        ((10, 10, 10), (2, 2), True),  # Figure 3, delta = 10
+        ((6, 6, 6), (2, 2), True),  # Figure 3, delta = 6
+        ((5, 3, 3, 4), (2, 2, 3), True),  # deep softmax bottleneck, Eq. (16)
+        ((5, 3, 3, 4), (2, 2, 3), False),  # deep lightning, Eq. (14)
+        ((4, 4, 4), (2, 2), False),
+        ((5, 4), (3,), False),  # one layer, Eq. (7)
+    ],
+)
+def test_adaptive_samples_are_certified(d, a, normalized):
+    """Default (adaptive) N: far fewer rows than Figure 3's N = 250, the formula's rank, a wide gap at the
+    cut, and the rank unchanged without the last eighth of the inputs."""
+    est = estimate_dimension(d, a, normalized, seed=1)
+    assert est.rank == expected_dimension(d, a, normalized)
+    assert est.gap > 1e6 and est.saturated is True and est.certified
+    assert est.holdout == max(1, math.ceil(est.samples / 8)) and est.holdout_rank == est.rank
+    assert est.n_outputs == est.samples * 3 * d[-1] >= 2 * est.n_params
+
+
+@pytest.mark.parametrize("delta,needed", [(6, 7), (10, 12)])
+def test_too_few_samples_are_detected(delta, needed):
+    """Negative control: below saturation (N < 7 at delta = 6, N < 12 at delta = 10 for seed 0; the rank
+    grows by a few per input) the rank is low AND reported as not saturated / not certified, never as a
+    certified low rank; at and above it the estimate is certified and right."""
+    d, expected = (delta,) * 3, delta**2 + 8 * delta - 8
+    for n in range(1, needed + 4):
+        est = estimate_dimension(d, (2, 2), normalized=True, samples=n)
+        if est.rank < expected:
+            assert est.saturated is False and not est.certified and est.holdout_rank < est.rank, (n, est.rank)
+        else:
+            assert est.rank == expected
+    low = estimate_dimension(d, (2, 2), normalized=True, samples=needed - 2)
+    assert low.rank < expected and low.gap > 1e3 and not low.certified  # a clean gap alone would mislead
+    assert estimate_dimension(d, (2, 2), normalized=True, samples=2 * needed).certified
+
+
+def test_adaptive_gives_up_loudly():
+    """No certifiable cut (rtol = 0.5 falls inside the continuous spectrum): adaptive sampling must raise
+    after MAX_DOUBLINGS doublings, not return an uncertified rank."""
+    with pytest.raises(RuntimeError, match="no certified rank"):
+        estimate_dimension((3, 2), (2,), rtol=0.5)
+    assert MAX_DOUBLINGS >= 3
+
+
+def test_certificate_fields_on_generic_maps(gen):
+    """jacobian_rank has no sampled inputs: no saturation check (None), certified = conclusive."""
+    est = jacobian_rank(lambda p, _: p[:3] * p[3:], torch.randn(6, generator=gen, dtype=F64), None)
+    assert est.saturated is None and est.samples is None and est.certified == est.conclusive
+    with pytest.raises(ValueError, match="samples"):
+        estimate_dimension((3, 2), (2,), samples=True)
+    with pytest.raises(ValueError, match="chunk_size"):
+        estimate_dimension((3, 2), (2,), chunk_size=0)
