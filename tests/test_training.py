@@ -120,6 +120,18 @@ def test_capture_features_matches_a_manual_forward():
     assert torch.equal(f.W, net[4].weight) and f.logits.shape == (64, 3)
     assert isinstance(f.activation, nn.ReLU)
     assert torch.allclose(training.activation_metric_of(f), (Z > 0).double().mean(0))
+    with torch.no_grad():
+        net[4].weight.add_(1.0)  # the captured W is a copy, not a view of the live weight
+    assert not torch.equal(f.W, net[4].weight)
+
+
+def test_inplace_activation_keeps_the_pre_activations():
+    X, _ = _toy()
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double()
+    f = training.capture_features(net, X.double())
+    with torch.no_grad():
+        Z = net[0](X.double())
+    assert torch.equal(f.Z, Z) and bool((f.Z < 0).any())
 
 
 def test_smooth_activation_metric_uses_the_module():

@@ -42,6 +42,7 @@ import nbformat
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import performance_page  # noqa: E402  (tools/performance_page.py)
 import results as results_dashboard  # noqa: E402  (tools/results.py)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if results_dashboard.main(["--stage", str(STAGE), "--build", str(BUILD)]) != 0:
         print("the results dashboard could not be built; the book was not built.", file=sys.stderr)
         return 1
+    # the performance page, from benchmark JSON under _build/bench when `make bench` has been run
+    performance_page.main(["--stage", str(STAGE), "--bench", str(BUILD / "bench")])
     if not args.no_build:
         build()
     return 0

@@ -1,0 +1,160 @@
+"""Fill the book's performance page from the benchmark JSON of one `make bench` run.
+
+    python tools/performance_page.py [--stage _build/src] [--bench _build/bench] [--print]
+
+Reads ``run.json`` (benchmarks/run.py --all: its own cases and the machine), ``heads.json`` and
+``lightning_fig3.json`` from ``--bench`` and replaces the block between the markers
+``<!-- performance:start -->`` and ``<!-- performance:end -->`` of the *staged* page
+``<stage>/book/performance.md`` (the working tree is never modified). Without those files the block keeps
+its text, which tells the reader to run ``make bench``. No number on the page is typed: every one is read
+from the JSON here. Called by tools/build_book.py after the notebooks ran, before jupyter-book.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- performance:start -->", "<!-- performance:end -->"
+FILES = {"run": "run.json", "heads": "heads.json", "lightning": "lightning_fig3.json"}
+
+#: Column titles for the ratio keys (``*_x``) the benchmarks write; unknown keys are shown by name.
+RATIO_LABELS = {
+    "loop_over_flagcore_x": "speed-up vs a Python loop over flagcore",
+    "loop_over_scipy_x": "speed-up vs a loop over scipy.linalg.subspace_angles",
+    "ratio_x": "streamed profile / read-once floor (target ≤ 1.5)",
+    "speedup_x": "speed-up vs a Python loop over head pairs",
+    "peak_over_one_layer_query_x": "peak RSS growth / one layer's fp32 query weight",
+    "speedup_equal_rows_x": "speed-up at equal Jacobian rows",
+}
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value) or "none"
+    return str(value).replace("|", "\\|")
+
+
+def _ratio_table(cases: dict) -> list[str]:
+    """One row per case, one column per ratio key (``*_x``) found in any case."""
+    keys = []
+    for row in cases.values():
+        keys += [k for k in row if k.endswith("_x") and k not in keys]
+    if not keys:
+        return ["(no ratios in this file)"]
+    lines = ["| case | " + " | ".join(RATIO_LABELS.get(k, k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in cases.items():
+        lines.append(f"| {name} | " + " | ".join(f"{_fmt(row[k])}×" if k in row else "—" for k in keys) + " |")
+    return lines
+
+
+def load(bench: Path) -> dict[str, dict]:
+    found = {}
+    for key, name in FILES.items():
+        path = bench / name
+        if path.is_file():
+            found[key] = json.loads(path.read_text())
+    return found
+
+
+def render(data: dict[str, dict]) -> str:
+    """The generated block (Markdown) for the benchmark results in ``data`` (as returned by :func:`load`)."""
+    if not data:
+        return ""
+    out: list[str] = []
+    run = data.get("run")
+    info = (run or {}).get("machine_info")
+    if info:
+        out += [
+            "**Measured in one run** of `make bench` on this machine:",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| CPU | {_fmt(info.get('cpu'))} ({_fmt(info.get('arch'))}) |",
+            f"| cores | {_fmt(info.get('cores'))} |",
+            f"| torch | {_fmt(info.get('torch'))}, {_fmt(info.get('torch_threads'))} intra-op threads |",
+            f"| Python | {_fmt(info.get('python'))} on {_fmt(info.get('os'))} |",
+            f"| date | {_fmt(info.get('date'))} |",
+            f"| commit | {_fmt(info.get('commit'))} |",
+            f"| mode | {'quick (`--quick`: reduced sizes)' if run.get('quick') else 'full'} |",
+            "",
+        ]
+        if run.get("failed"):
+            out += [f"```{{warning}}\nThese benchmarks failed in that run and are missing below: {_fmt(run['failed'])}.\n```", ""]
+    else:
+        out += ["```{warning}", "No `run.json` from `benchmarks/run.py --all`: the files below were not necessarily measured in one run.", "```", ""]
+    machines = {key: d.get("machine") for key, d in data.items() if d.get("machine")}
+    if not info and machines:  # without run.json, at least say what each file recorded
+        out += ["Machines recorded by each file: " + "; ".join(f"`{FILES[k]}`: {_fmt(v)}" for k, v in machines.items()), ""]
+
+    if run:
+        seconds = run.get("seconds", {})
+        out += ["## Batched subspace arithmetic", "", "`benchmarks/run.py`: one batched call against the same work one item at a time"
+                f" (wall time of the benchmark: {_fmt(seconds.get('run.py'))} s).", ""]
+        out += _ratio_table(run.get("cases", {})) + [""]
+    heads = data.get("heads")
+    if heads:
+        seconds = (run or {}).get("seconds", {}).get("heads.py")
+        out += ["## Head overlap of real models", "", "`benchmarks/heads.py`: the streamed overlap profile against the least work any"
+                " exact method must do, the batched overlap against a loop over head pairs, and the peak memory of streaming"
+                + (f" ({_fmt(seconds)} s)." if seconds is not None else "."), ""]
+        out += _ratio_table(heads.get("cases", {})) + [""]
+    fig3 = data.get("lightning")
+    if fig3:
+        seconds = (run or {}).get("seconds", {}).get("lightning_fig3.py")
+        out += ["## Figure 3 of the lightning paper", "", "`benchmarks/lightning_fig3.py`: our certified dimension estimator against the"
+                " public code's approach on the same configurations" + (f" ({_fmt(seconds)} s)." if seconds is not None else "."), ""]
+        rows = [
+            ("deltas swept", fig3.get("deltas")),
+            ("speed-up, ours (adaptive inputs) vs public-style", f"{_fmt(fig3['speedup_x'])}×" if "speedup_x" in fig3 else None),
+            ("speed-up at equal rows", f"{_fmt(fig3['speedup_equal_rows_x'])}×" if "speedup_equal_rows_x" in fig3 else None),
+            ("ours: correct and certified at delta", fig3.get("ours_correct_deltas")),
+            (f"public-style (N = {_fmt(fig3.get('samples_public'))}): correct at delta", fig3.get("public_style_correct_deltas")),
+            ("seconds, ours / public-style", f"{_fmt(fig3.get('ours_s'))} / {_fmt(fig3.get('public_style_s'))}" if "ours_s" in fig3 else None),
+        ]
+        out += ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None] + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def fill(page: str, block: str) -> str:
+    """``page`` with the text between the markers replaced by ``block`` (unchanged when ``block`` is empty)."""
+    if START not in page or END not in page:
+        raise ValueError(f"the performance page lacks the markers {START} ... {END}")
+    if not block:
+        return page
+    head, rest = page.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=Path, default=ROOT / "_build" / "src", help="the staged book (tools/build_book.py)")
+    parser.add_argument("--bench", type=Path, default=ROOT / "_build" / "bench", help="where `make bench` wrote its JSON")
+    parser.add_argument("--print", action="store_true", help="print the generated block instead of writing the page")
+    args = parser.parse_args(argv)
+    data = load(args.bench)
+    block = render(data)
+    if args.print:
+        print(block or f"(no benchmark JSON in {args.bench})")
+        return 0
+    page = args.stage / "book" / "performance.md"
+    if not page.is_file():
+        print(f"{page} not found (not staged?); nothing to do", file=sys.stderr)
+        return 0
+    page.write_text(fill(page.read_text(), block))
+    print(f"performance page: {'filled from ' + ', '.join(sorted(FILES[k] for k in data)) if data else 'no benchmark JSON, left as is'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
