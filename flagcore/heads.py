@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .subspace import _as_int, _check_matrix, haar_frames, orthonormal_basis, principal_angles
+from .subspace import _as_int, _as_real_float, haar_frames, orthonormal_basis, principal_angles
 from .weights import iter_layers, open_source, repeat_kv
 
 __all__ = [
@@ -52,9 +52,9 @@ __all__ = [
 # --------------------------------------------------------------------------- per-head weights
 
 
-def _role_heads(role: str, source, layers, dtype, repeat: bool = False) -> Iterator[tuple[int, Tensor]]:
+def _role_heads(role: str, source, layers, dtype, repeat: bool = False, contiguous: bool = True) -> Iterator[tuple[int, Tensor]]:
     src = open_source(source)
-    for layer, heads in iter_layers(src, layers, (role,), dtype=dtype):
+    for layer, heads in iter_layers(src, layers, (role,), dtype=dtype, contiguous=contiguous):
         W = heads[role]
         yield layer, (repeat_kv(W, src.dims.n_heads) if repeat else W)
 
@@ -89,48 +89,109 @@ def output_heads(source, layers=None, *, dtype: torch.dtype = torch.float32) -> 
 # --------------------------------------------------------------------------- the overlap score
 
 
+def _all_finite(W: Tensor) -> bool:
+    """No NaN/Inf in ``W``. One reduction: NaN and Inf propagate into the sum, so a finite sum proves all
+    entries finite; only a non-finite sum (which overflow of huge finite entries can also cause) needs the
+    element-wise check."""
+    return bool(torch.isfinite(W.sum())) or bool(torch.isfinite(W).all())
+
+
 def _check_heads(W: Tensor) -> Tensor:
-    W = _check_matrix("W", W)
+    W = _as_real_float("W", W)
     if W.ndim < 3:
         raise ValueError(f"head weights must have shape [..., H, d, d_k], got {tuple(W.shape)}")
+    if W.shape[-2] == 0:
+        raise ValueError("W has ambient dimension d = 0")
     if W.shape[-3] < 2:
         raise ValueError(f"the overlap needs at least 2 heads, got H = {W.shape[-3]}")
+    if not _all_finite(W):
+        raise ValueError("W contains NaN or Inf")
     return W
 
 
-def _normalised_gram(W: Tensor, assume_orthonormal: bool) -> tuple[Tensor, int]:
-    """The Gram matrix of the heads' orthonormal bases, ``[..., H*r, H*r]`` with block (i, j) = ``Q_i^T Q_j``.
+def _float_dtype(W: Tensor) -> torch.dtype:
+    """The dtype of a result for input ``W``: its own floating dtype (integers were promoted to float64)."""
+    return W.dtype if W.is_floating_point() else torch.float64
 
-    Fast path (least arithmetic): one raw Gram product ``G = F^T F`` of the stacked weights
-    ``F = [W_1 | ... | W_H]``, then whitening by the Cholesky factors of its diagonal blocks,
-    ``Q_i^T Q_j = L_i^{-1} G_ij L_j^{-T}`` with ``G_ii = L_i L_i^T``. This is exact for full-rank heads and
-    needs no orthonormalisation of the ``d x d_k`` weights. It runs in float64 (the Gram squares the
-    condition number, so float32 would lose digits), and falls back to SVD bases
-    (:func:`flagcore.subspace.orthonormal_basis`) when a head is rank-deficient or too ill-conditioned for
-    the Cholesky route (``cond(G_ii) > 1e8``).
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype (float32, bf16, fp16) computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+#: Cholesky QR is used for heads whose condition number is at most this (as before: ``cond(W_h^T W_h) <= 1e8``);
+#: worse-conditioned or rank-deficient heads take the SVD route of :func:`flagcore.subspace.orthonormal_basis`.
+_MAX_COND = 1e4
+
+
+def _orthonormality_tol(dtype: torch.dtype) -> float:
+    """Largest accepted ``max |Q_h^T Q_h - I|`` in the final Gram: 1e-12 in float64, 1e-5 in float32
+    (about 100 ulps of float32, well above the rounding of a float32 Gram of orthonormal columns)."""
+    return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+def _diagonal_blocks(G: Tensor, H: int, k: int) -> Tensor:
+    """``[..., H, k, k]``: the blocks ``G_hh`` of an ``[..., H*k, H*k]`` matrix."""
+    return torch.diagonal(G.reshape(*G.shape[:-2], H, k, H, k), dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def _whiten_blocks(G: Tensor, M: Tensor) -> Tensor:
+    """``[..., H*k, H*k]`` with block (i, j) = ``M_i G_ij M_j^T``, for ``M`` ``[..., H, k, k]``: two batched products."""
+    *batch, H, k, _ = M.shape
+    n = H * k
+    left = (M @ G.reshape(*batch, H, k, n)).reshape(*batch, n, n)  # block rows: M_i G_ij
+    return (M @ left.transpose(-1, -2).reshape(*batch, H, k, n)).reshape(*batch, n, n).transpose(-1, -2)
+
+
+def _normalised_gram(W: Tensor, assume_orthonormal: bool) -> tuple[Tensor, int]:
+    """The Gram matrix of the heads' orthonormal bases, ``[..., H*r, H*r]`` with block (i, j) = ``Q_i^T Q_j``,
+    in the working precision (float64 for float64 ``W``, else float32).
+
+    Fast path (Cholesky QR, the least arithmetic beyond the one Gram product): per head,
+    ``W_h^T W_h = L_h L_h^T`` (the small ``d_k x d_k`` Cholesky factorisation always in float64) and
+    ``Q_h^T = L_h^{-1} W_h^T``, orthonormal columns spanning ``col(W_h)`` (about ``2/H`` of the Gram
+    product's arithmetic); then **one** Gram product ``F^T F`` of ``F = [Q_1 | ... | Q_H]``.
+    Orthonormalising *before* the big product keeps that product perfectly conditioned, so a float32
+    product loses no digits to ``cond(W_h)^2`` (whitening a raw float32 Gram afterwards would).
+
+    Guards: Cholesky must succeed and every head must have ``cond(W_h) <= 1e4`` (certified by the cheap
+    bound ``||L_h||_F ||L_h^{-1}||_F >= cond(L_h) = cond(W_h)``, else checked exactly by eigenvalues);
+    otherwise the heads are rank-deficient or ill-conditioned and go through SVD bases
+    (:func:`flagcore.subspace.orthonormal_basis`, whose numerical rank decides ``r``). A posteriori, the
+    diagonal blocks ``Q_h^T Q_h`` of the result must equal ``I`` to 1e-12 (float64) or 1e-5 (float32);
+    Cholesky QR loses orthogonality like ``eps cond(W_h)^2``, and when it did, a second Cholesky pass on
+    those blocks re-whitens the Gram (CholeskyQR2: orthonormal to rounding for ``cond <= 1e4``).
     """
     W = _check_heads(W)
     *batch, H, d, k = W.shape
+    work = _work_dtype(W.dtype)
     if assume_orthonormal:
-        Q = W
-    else:
-        F = W.to(torch.float64).transpose(-3, -2).reshape(*batch, d, H * k)
-        G = F.transpose(-1, -2) @ F  # the one Gram product
-        blocks = torch.diagonal(G.reshape(*batch, H, k, H, k), dim1=-4, dim2=-2).movedim(-1, -3)  # [..., H, k, k]
-        L, info = torch.linalg.cholesky_ex(blocks)
-        eig = torch.linalg.eigvalsh(blocks)
-        well_conditioned = bool((info == 0).all()) and bool((eig[..., 0] > 1e-8 * eig[..., -1]).all())
-        if well_conditioned:
-            eye = torch.eye(k, dtype=G.dtype, device=G.device)
-            Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)  # [..., H, k, k]
-            Gb = G.reshape(*batch, H, k, H, k)
-            # block (i, j) -> Linv_i @ G_ij @ Linv_j^T
-            Gw = torch.einsum("...iab,...ibjc,...jdc->...iajd", Linv, Gb, Linv)
-            return Gw.reshape(*batch, H * k, H * k).to(W.dtype), k
-        Q = orthonormal_basis(W)
-    *batch, H, d, r = Q.shape
-    flat = Q.transpose(-3, -2).reshape(*batch, d, H * r)  # [..., d, H*r]: head bases side by side
-    return flat.transpose(-1, -2) @ flat, r
+        flat = W.to(work).transpose(-1, -2).reshape(*batch, H * k, d)  # rows: the heads' basis vectors
+        return flat @ flat.transpose(-1, -2), k
+    Wt = W.transpose(-1, -2).to(work)  # [..., H, k, d]: W_h^T
+    L, info = torch.linalg.cholesky_ex((Wt @ Wt.transpose(-1, -2)).to(torch.float64))
+    fast = bool((info == 0).all())
+    if fast:
+        eye = torch.eye(k, dtype=torch.float64, device=W.device)
+        Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+        cond_bound = torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(Linv)  # >= cond(L) = cond(W_h)
+        if not bool((cond_bound <= _MAX_COND).all()):
+            eig = torch.linalg.eigvalsh(L @ L.transpose(-1, -2))
+            fast = bool((eig[..., 0] > eig[..., -1] / _MAX_COND**2).all())
+    if fast:
+        flat = (Linv.to(work) @ Wt).reshape(*batch, H * k, d)  # rows: the heads' orthonormal basis vectors
+        G = flat @ flat.transpose(-1, -2)  # the one Gram product
+        eye = torch.eye(k, dtype=work, device=W.device)
+        blocks = _diagonal_blocks(G, H, k)
+        if bool((blocks - eye).abs_().amax() > _orthonormality_tol(work)):  # CholeskyQR2, on the Gram
+            L2 = torch.linalg.cholesky(blocks.to(torch.float64))
+            M = torch.linalg.solve_triangular(L2, eye.to(torch.float64).expand_as(L2), upper=False).to(work)
+            G = _whiten_blocks(G, M)
+        return G, k
+    Q = orthonormal_basis(W).to(work)
+    r = Q.shape[-1]
+    flat = Q.transpose(-1, -2).reshape(*batch, H * r, d)
+    return flat @ flat.transpose(-1, -2), r
 
 
 def overlap_matrix(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
@@ -144,20 +205,23 @@ def overlap_matrix(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     gram, r = _normalised_gram(W, assume_orthonormal)
     *batch, n, _ = gram.shape
     H = n // r
-    return gram.reshape(*batch, H, r, H, r).square().sum(dim=(-3, -1)) / r
+    return (gram.reshape(*batch, H, r, H, r).square().sum(dim=(-3, -1)) / r).to(_float_dtype(W))
 
 
 def head_overlap(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     """``R`` of Eq. (10)/(12) for heads ``W`` ``[..., H, d, d_k]``; returns ``[...]`` (0-dim for one layer).
 
     No loop over pairs: with ``F = [Q_1 | ... | Q_H]``, ``sum_{i,j} ||Q_i^T Q_j||_F^2 = ||F^T F||_F^2``, and
-    the diagonal terms are ``||Q_i^T Q_i||_F^2 = r`` each, so ``R = (||F^T F||_F^2 - H r) / (r H (H-1))``.
-    ``F^T F`` comes from one raw Gram product, whitened per head (:func:`_normalised_gram`).
+    the diagonal terms are ``||Q_i^T Q_i||_F^2`` (``= r``), so
+    ``R = (||F^T F||_F^2 - sum_i ||Q_i^T Q_i||_F^2) / (r H (H-1))``. ``F^T F`` is one Gram product of the
+    heads' Cholesky-QR bases (:func:`_normalised_gram`); float64 input: float64 throughout (R agrees with
+    SVD bases to ~1e-15 for well-conditioned heads); other dtypes: the Gram product in float32 (R to ~1e-7).
     """
     gram, r = _normalised_gram(W, assume_orthonormal)
     H = gram.shape[-1] // r
-    total = gram.square().sum(dim=(-2, -1))
-    return (total - H * r) / (r * H * (H - 1))
+    total = gram.square().sum(dim=(-2, -1))  # (not linalg.vector_norm: its float32 reduction is biased, ~1e-5 relative)
+    off_diagonal = total - _diagonal_blocks(gram, H, r).square().sum(dim=(-3, -2, -1))
+    return (off_diagonal / (r * H * (H - 1))).to(_float_dtype(W))
 
 
 # --------------------------------------------------------------------------- Haar baseline
@@ -259,7 +323,7 @@ def overlap_profile(
     optional wrapper of the layer iterator (e.g. ``tqdm``).
     """
     src = open_source(source)
-    it = query_heads(src, layers, dtype=dtype)
+    it = _role_heads("q", src, layers, dtype, contiguous=False)  # views of the read tensor: no copy
     if progress is not None:
         it = progress(it)
     profile = None

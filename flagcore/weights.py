@@ -224,7 +224,7 @@ register_layout(
 register_layout(
     Layout(
         "llama",
-        ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3", "gemma", "gemma2", "phi3", "olmo", "olmo2"),
+        ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3", "gemma", "gemma2", "olmo", "olmo2"),
         "layers.{layer}.self_attn.",
         {**_LINEAR_QKVO, "o": "o_proj.weight"},
     )
@@ -275,6 +275,7 @@ class WeightSource:
         self.name = name
         self.config = dict(config)
         self._keys = list(keys)
+        self._key_set = frozenset(self._keys)
         self._get = get
         self.layout = _layout_for(self.config)
         self.dims = _dims(self.config)
@@ -320,16 +321,24 @@ class WeightSource:
 
 
 def layer_heads(
-    source: WeightSource, layer: int, roles: Sequence[str] = ROLES, *, dtype: torch.dtype = torch.float32
+    source: WeightSource,
+    layer: int,
+    roles: Sequence[str] = ROLES,
+    *,
+    dtype: torch.dtype = torch.float32,
+    contiguous: bool = True,
 ) -> dict[str, Tensor]:
     """The canonical heads of one layer: ``{role: [n, d, d_head]}`` (see the module docstring).
 
     Reads only that layer's tensors, upcasts each to ``dtype`` (bf16/fp16 -> float32 by default) and
     checks shapes and finiteness. Raises ValueError naming the layer and tensor on any problem.
+    ``contiguous=False`` returns strided views of the tensor as read (no copy; for a loaded model they
+    may share memory with its parameters, so do not modify them); the default returns fresh contiguous
+    tensors.
     """
     if layer not in source.layers:
         raise ValueError(f"{source.name}: layer {layer} out of range 0..{len(source.layers) - 1}")
-    keys = set(source.keys())
+    keys = source._key_set
     raw = {}
     for tensor_role in source.layout.needed(roles):
         key = source.key(layer, tensor_role)
@@ -339,7 +348,7 @@ def layer_heads(
         if W.ndim != 2:
             raise ValueError(f"{source.name}: {key} should be a matrix, got shape {tuple(W.shape)}")
         W = W.to(dtype)
-        if not bool(torch.isfinite(W).all()):
+        if not (bool(torch.isfinite(W.sum())) or bool(torch.isfinite(W).all())):  # a finite sum proves all finite
             raise ValueError(f"{source.name}: {key} (layer {layer}) contains NaN or Inf")
         raw[tensor_role] = W
     heads = source.layout.split(raw, source.dims)
@@ -358,7 +367,7 @@ def layer_heads(
             d_head = X.shape[2]
         elif X.shape[2] != d_head:
             raise ValueError(f"{source.name}: layer {layer} {role} heads have d_head={X.shape[2]}, the others {d_head}")
-        out[role] = X.contiguous()
+        out[role] = X.contiguous() if contiguous else X
     return out
 
 
@@ -542,16 +551,16 @@ def gguf_to_safetensors(path: str | os.PathLike, cache: str | os.PathLike | None
     temporary directory and renamed into place (atomic: a crash or a concurrent run never leaves a
     half-written cache). Only attention weights are cached (all this module reads).
     """
-    import gguf
-    from gguf.quants import dequantize
-    from safetensors.torch import save_file
-
     path = Path(path)
     stat = path.stat()
     root = Path(cache) if cache is not None else cache_dir()
     target = root / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        return target
+        return target  # cached: no need to import gguf (tens of ms) on every call
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
     reader = gguf.GGUFReader(str(path))
 
     def field(name):
@@ -604,11 +613,17 @@ def gguf_to_safetensors(path: str | os.PathLike, cache: str | os.PathLike | None
 
 
 def iter_layers(
-    source, layers: Sequence[int] | None = None, roles: Sequence[str] = ROLES, *, dtype: torch.dtype = torch.float32
+    source,
+    layers: Sequence[int] | None = None,
+    roles: Sequence[str] = ROLES,
+    *,
+    dtype: torch.dtype = torch.float32,
+    contiguous: bool = True,
 ) -> Iterator[tuple[int, dict[str, Tensor]]]:
-    """``(layer, {role: [n, d, d_head]})`` for each requested layer, read one layer at a time."""
+    """``(layer, {role: [n, d, d_head]})`` for each requested layer, read one layer at a time (see
+    :func:`layer_heads` for ``dtype`` and ``contiguous``)."""
     src = open_source(source)
     if layers is None:
         layers = src.layers
     for layer in layers:
-        yield int(layer), layer_heads(src, int(layer), roles, dtype=dtype)
+        yield int(layer), layer_heads(src, int(layer), roles, dtype=dtype, contiguous=contiguous)

@@ -183,3 +183,55 @@ def test_whitened_gram_fast_path_equals_svd_bases_and_falls_back_on_rank_deficie
     R_ref = head_overlap(orthonormal_basis(deficient), assume_orthonormal=True)
     assert torch.allclose(R_def, R_ref, atol=1e-12)
     assert _normalised_gram(deficient, assume_orthonormal=False)[1] == 5
+
+
+def test_float32_path_orthonormalises_in_float64_and_keeps_seven_digits():
+    """Float32 weights: the per-head Cholesky runs in float64 and only the Gram product in float32, so R
+    agrees with float64 SVD bases of the same (float32-rounded) weights to 1e-6 even for heads with
+    cond(W_h) = 1e3, where whitening a raw float32 Gram would lose ~cond^2 * eps32 ~ 0.1 (negative control)."""
+    from flagcore.heads import _diagonal_blocks
+    from flagcore.subspace import orthonormal_basis
+
+    g = torch.Generator().manual_seed(12)
+    O = torch.linalg.qr(torch.randn(6, 8, 8, generator=g, dtype=torch.float64)).Q  # mix: near-collinear columns
+    W = torch.randn(6, 96, 8, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, 3, 8, dtype=torch.float64)) @ O
+    W32 = W.float()
+    ref = float(head_overlap(orthonormal_basis(W32.double()), assume_orthonormal=True))
+    R32 = head_overlap(W32)
+    assert R32.dtype == torch.float32 and abs(float(R32) - ref) < 1e-6
+    # negative control: raw float32 Gram, whitened by float32 Cholesky factors of its own diagonal blocks
+    F = W32.transpose(1, 2).reshape(48, 96)
+    G = F @ F.T
+    M = torch.linalg.inv(torch.linalg.cholesky(_diagonal_blocks(G, 6, 8)))
+    Gw = torch.einsum("iab,ibjc,jdc->iajd", M, G.reshape(6, 8, 6, 8), M).reshape(48, 48)
+    raw = float((Gw.square().sum() - _diagonal_blocks(Gw, 6, 8).square().sum()) / (8 * 6 * 5))
+    assert abs(raw - ref) > 1e-5
+
+
+def test_second_cholesky_pass_equals_explicit_whitening(gen):
+    """_whiten_blocks (two batched products) equals the block formula M_i G_ij M_j^T written as an einsum."""
+    from flagcore.heads import _whiten_blocks
+
+    H, k = 4, 3
+    G = torch.randn(H * k, H * k, generator=gen, dtype=torch.float64)
+    M = torch.randn(H, k, k, generator=gen, dtype=torch.float64)
+    want = torch.einsum("iab,ibjc,jdc->iajd", M, G.reshape(H, k, H, k), M).reshape(H * k, H * k)
+    torch.testing.assert_close(_whiten_blocks(G, M), want, rtol=1e-13, atol=1e-13)
+    batched = _whiten_blocks(torch.stack([G, 2 * G]), torch.stack([M, M]))
+    torch.testing.assert_close(batched[1], 2 * want, rtol=1e-13, atol=1e-13)
+
+
+def test_finiteness_check_is_exact():
+    """A finite sum proves finiteness; a sum that overflows on finite entries is re-checked element-wise
+    (no false alarm), and NaN / Inf anywhere is caught."""
+    from flagcore.heads import _all_finite
+
+    huge = torch.full((3, 4, 2), 3e38, dtype=torch.float32)  # finite entries, the float32 sum overflows
+    assert not torch.isfinite(huge.sum()) and _all_finite(huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        W = torch.ones(3, 4, 2)
+        W[2, 3, 1] = bad
+        assert not _all_finite(W)
+    W = torch.ones(3, 4, 2)
+    W[0, 0, 0], W[1, 0, 0] = float("inf"), -float("inf")  # inf - inf = nan in the sum: still caught
+    assert not _all_finite(W)

@@ -165,6 +165,9 @@ def test_directory_streaming_matches_the_loaded_model(family, tmp_path):
             assert torch.equal(a[role], b[role])
             assert c[role].dtype == torch.float32
             torch.testing.assert_close(c[role], a[role].bfloat16().float(), atol=0, rtol=0)
+        views = layer_heads(fp32, layer, contiguous=False)  # strided views, no copy: the same values
+        for role in a:
+            assert a[role].is_contiguous() and torch.equal(views[role], a[role])
 
 
 def test_planted_weights_gpt2_and_linear():
