@@ -53,8 +53,12 @@ BENCH_JSON := _build/bench/run.json
 $(BENCH_JSON): | $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py --all --quick --out _build/bench
 
+# After building, the pages are checked in headless Chromium when it is installed (Debian `chromium`;
+# .ci/run installs it): equations, images, error outputs, console errors, launch buttons.
 book: $(STAMP) $(MATHJAX) $(BENCH_JSON)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/build_book.py --jobs 2
+	@if command -v chromium >/dev/null 2>&1; then $(MAKE) --no-print-directory browser-test; \
+	else echo "warning: chromium is not installed: the browser check of the built pages was skipped" >&2; fi
 
 notebooks: $(STAMP) $(MATHJAX)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/build_book.py --jobs 2 --no-build

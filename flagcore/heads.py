@@ -143,9 +143,12 @@ def _whiten_blocks(G: Tensor, M: Tensor) -> Tensor:
     return (M @ left.transpose(-1, -2).reshape(*batch, H, k, n)).reshape(*batch, n, n).transpose(-1, -2)
 
 
-def _normalised_gram(W: Tensor, assume_orthonormal: bool) -> tuple[Tensor, int]:
+def _normalised_gram(W: Tensor, assume_orthonormal: bool, *, checked: bool = False) -> tuple[Tensor, int, Tensor | None]:
     """The Gram matrix of the heads' orthonormal bases, ``[..., H*r, H*r]`` with block (i, j) = ``Q_i^T Q_j``,
-    in the working precision (float64 for float64 ``W``, else float32).
+    in the working precision (float64 for float64 ``W``, else float32), its rank ``r``, and its diagonal blocks
+    ``[..., H, r, r]`` when they were already formed (else None). ``checked=True`` skips the validation of ``W``
+    (for callers that validated it already, e.g. :func:`overlap_profile`, whose weights :mod:`flagcore.weights`
+    checked for shape and finiteness).
 
     Fast path (Cholesky QR, the least arithmetic beyond the one Gram product): per head,
     ``W_h^T W_h = L_h L_h^T`` (the small ``d_k x d_k`` Cholesky factorisation always in float64) and
@@ -162,36 +165,38 @@ def _normalised_gram(W: Tensor, assume_orthonormal: bool) -> tuple[Tensor, int]:
     Cholesky QR loses orthogonality like ``eps cond(W_h)^2``, and when it did, a second Cholesky pass on
     those blocks re-whitens the Gram (CholeskyQR2: orthonormal to rounding for ``cond <= 1e4``).
     """
-    W = _check_heads(W)
+    if not checked:
+        W = _check_heads(W)
     *batch, H, d, k = W.shape
     work = _work_dtype(W.dtype)
     if assume_orthonormal:
         flat = W.to(work).transpose(-1, -2).reshape(*batch, H * k, d)  # rows: the heads' basis vectors
-        return flat @ flat.transpose(-1, -2), k
+        return flat @ flat.transpose(-1, -2), k, None
     Wt = W.transpose(-1, -2).to(work)  # [..., H, k, d]: W_h^T
     L, info = torch.linalg.cholesky_ex((Wt @ Wt.transpose(-1, -2)).to(torch.float64))
-    fast = bool((info == 0).all())
-    if fast:
-        eye = torch.eye(k, dtype=torch.float64, device=W.device)
-        Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-        cond_bound = torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(Linv)  # >= cond(L) = cond(W_h)
-        if not bool((cond_bound <= _MAX_COND).all()):
-            eig = torch.linalg.eigvalsh(L @ L.transpose(-1, -2))
-            fast = bool((eig[..., 0] > eig[..., -1] / _MAX_COND**2).all())
+    eye = torch.eye(k, dtype=torch.float64, device=W.device)
+    # Computed even where Cholesky failed (info > 0: L is then partial, Linv and the bound may be inf/NaN, and the
+    # comparison below is False), so that the common case needs a single host synchronisation.
+    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    cond_bound = torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(Linv)  # >= cond(L) = cond(W_h)
+    fast = bool(((info == 0) & (cond_bound <= _MAX_COND)).all())
+    if not fast and bool((info == 0).all()):  # Cholesky succeeded everywhere but the cheap bound is loose: exact check
+        eig = torch.linalg.eigvalsh(L @ L.transpose(-1, -2))
+        fast = bool((eig[..., 0] > eig[..., -1] / _MAX_COND**2).all())
     if fast:
         flat = (Linv.to(work) @ Wt).reshape(*batch, H * k, d)  # rows: the heads' orthonormal basis vectors
         G = flat @ flat.transpose(-1, -2)  # the one Gram product
-        eye = torch.eye(k, dtype=work, device=W.device)
         blocks = _diagonal_blocks(G, H, k)
-        if bool((blocks - eye).abs_().amax() > _orthonormality_tol(work)):  # CholeskyQR2, on the Gram
+        if bool((blocks - eye.to(work)).abs_().amax() > _orthonormality_tol(work)):  # CholeskyQR2, on the Gram
             L2 = torch.linalg.cholesky(blocks.to(torch.float64))
-            M = torch.linalg.solve_triangular(L2, eye.to(torch.float64).expand_as(L2), upper=False).to(work)
+            M = torch.linalg.solve_triangular(L2, eye.expand_as(L2), upper=False).to(work)
             G = _whiten_blocks(G, M)
-        return G, k
+            blocks = _diagonal_blocks(G, H, k)
+        return G, k, blocks
     Q = orthonormal_basis(W).to(work)
     r = Q.shape[-1]
     flat = Q.transpose(-1, -2).reshape(*batch, H * r, d)
-    return flat @ flat.transpose(-1, -2), r
+    return flat @ flat.transpose(-1, -2), r, None
 
 
 def overlap_matrix(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
@@ -202,7 +207,7 @@ def overlap_matrix(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     and a rank that differs between heads is an error). One Gram product per batch item, see
     :func:`_normalised_gram`. ``O`` is symmetric with unit diagonal and entries in [0, 1].
     """
-    gram, r = _normalised_gram(W, assume_orthonormal)
+    gram, r, _ = _normalised_gram(W, assume_orthonormal)
     *batch, n, _ = gram.shape
     H = n // r
     return (gram.reshape(*batch, H, r, H, r).square().sum(dim=(-3, -1)) / r).to(_float_dtype(W))
@@ -217,10 +222,16 @@ def head_overlap(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     heads' Cholesky-QR bases (:func:`_normalised_gram`); float64 input: float64 throughout (R agrees with
     SVD bases to ~1e-15 for well-conditioned heads); other dtypes: the Gram product in float32 (R to ~1e-7).
     """
-    gram, r = _normalised_gram(W, assume_orthonormal)
+    return _head_overlap(W, assume_orthonormal)
+
+
+def _head_overlap(W: Tensor, assume_orthonormal: bool = False, *, checked: bool = False) -> Tensor:
+    gram, r, blocks = _normalised_gram(W, assume_orthonormal, checked=checked)
     H = gram.shape[-1] // r
+    if blocks is None:
+        blocks = _diagonal_blocks(gram, H, r)
     total = gram.square().sum(dim=(-2, -1))  # (not linalg.vector_norm: its float32 reduction is biased, ~1e-5 relative)
-    off_diagonal = total - _diagonal_blocks(gram, H, r).square().sum(dim=(-3, -2, -1))
+    off_diagonal = total - blocks.square().sum(dim=(-3, -2, -1))
     return (off_diagonal / (r * H * (H - 1))).to(_float_dtype(W))
 
 
@@ -334,7 +345,10 @@ def overlap_profile(
                 haar_overlap_baseline(src.dims.d, W.shape[-1], src.dims.n_heads),
             )
         profile.layers.append(layer)
-        profile.R.append(float(head_overlap(W)))
+        # W was validated by flagcore.weights.layer_heads (a matrix, finite, [H, d, d_head]): check only what it does not
+        if W.shape[-3] < 2:
+            raise ValueError(f"the overlap needs at least 2 heads, got H = {W.shape[-3]}")
+        profile.R.append(float(_head_overlap(W, checked=True)))
     if profile is None:
         raise ValueError("no layers selected")
     return profile

@@ -158,6 +158,9 @@ def test_profile_of_a_tiny_model_matches_per_layer_R():
         assert abs(_pair_loop(W) - R) < 1e-12
     sel = overlap_profile(model, [2], dtype=torch.float64)
     assert sel.layers == [2] and sel.R == [prof.R[2]]
+    prof32 = overlap_profile(model)  # the profile skips re-validating weights it read: same arithmetic, same numbers
+    assert prof32.R == [float(head_overlap(W)) for _, W in query_heads(model)]
+    assert max(abs(a - b) for a, b in zip(prof32.R, prof.R)) < 1e-6
     out = prof.to_dict()
     assert out["baseline"] == 8 / 32 and out["layers"][1]["excess"] == pytest.approx(prof.R[1] - 0.25)
 
@@ -174,7 +177,7 @@ def test_whitened_gram_fast_path_equals_svd_bases_and_falls_back_on_rank_deficie
     Q = orthonormal_basis(W)
     R_svd = head_overlap(Q, assume_orthonormal=True)
     assert torch.allclose(head_overlap(W), R_svd, rtol=0, atol=1e-12)
-    gram, r = _normalised_gram(W, assume_orthonormal=False)
+    gram, r, _ = _normalised_gram(W, assume_orthonormal=False)
     assert r == 6 and torch.allclose(torch.diagonal(gram), torch.ones(30, dtype=torch.float64), atol=1e-12)
 
     deficient = W.clone()
@@ -183,6 +186,13 @@ def test_whitened_gram_fast_path_equals_svd_bases_and_falls_back_on_rank_deficie
     R_ref = head_overlap(orthonormal_basis(deficient), assume_orthonormal=True)
     assert torch.allclose(R_def, R_ref, atol=1e-12)
     assert _normalised_gram(deficient, assume_orthonormal=False)[1] == 5
+
+    zero = W.clone()
+    zero[..., -1] = 0.0  # an exactly zero column: Cholesky itself fails (info > 0), so the SVD route must be taken
+    assert bool((torch.linalg.cholesky_ex(zero.mT @ zero).info > 0).all())
+    R_zero = head_overlap(zero)
+    assert torch.allclose(R_zero, head_overlap(orthonormal_basis(zero), assume_orthonormal=True), atol=1e-12)
+    assert _normalised_gram(zero, assume_orthonormal=False)[1] == 5
 
 
 def test_float32_path_orthonormalises_in_float64_and_keeps_seven_digits():
