@@ -63,7 +63,7 @@ book: $(STAMP) $(MATHJAX) $(BENCH_JSON)
 notebooks: $(STAMP) $(MATHJAX)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/build_book.py --jobs 2 --no-build
 
-test: $(STAMP)
+test: $(STAMP) $(MATHJAX)  # MathJax: the browser-check tests render a real equation
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # One command, one run, one machine: every benchmark writes its JSON to _build/bench/ (tools/performance_page.py
