@@ -123,7 +123,7 @@ def main() -> int:
         print(f"{name:<40} batched {row['batched_s'] * 1e3:8.2f} ms | speed-up vs {ratios}")
     json_path = args.json
     if args.all:
-        out = Path(args.out)
+        out = Path(args.out).resolve()  # absolute: the other benchmarks run with cwd = benchmarks/
         out.mkdir(parents=True, exist_ok=True)
         for stale in ("run.json", *(name for _, name, _, _ in OTHERS)):
             (out / stale).unlink(missing_ok=True)  # one run: never mix files from different runs

@@ -90,6 +90,9 @@ def render(data: dict[str, dict]) -> str:
         ]
         if run.get("failed"):
             out += [f"```{{warning}}\nThese benchmarks failed in that run and are missing below: {_fmt(run['failed'])}.\n```", ""]
+        missing = sorted(FILES[k] for k in FILES if k not in data)
+        if missing:  # a run that wrote its files elsewhere must not look complete
+            out += [f"```{{warning}}\nMissing from this run's benchmark folder: {', '.join(missing)}; those sections are absent.\n```", ""]
     else:
         out += ["```{warning}", "No `run.json` from `benchmarks/run.py --all`: the files below were not necessarily measured in one run.", "```", ""]
     machines = {key: d.get("machine") for key, d in data.items() if d.get("machine")}
