@@ -42,6 +42,7 @@ __all__ = [
     "conformal_split",
     "constrained_head_descent",
     "decay_factor_per_step",
+    "decay_path",
     "fit_decay_rate",
     "geometric_consistency_gap",
     "head_penalty_split",
@@ -303,6 +304,25 @@ def decay_factor_per_step(eta: float | Tensor, lam: float | Tensor, mu: float | 
     root = torch.sqrt(disc)
     z1, z2 = (b + root) / 2, (b - root) / 2
     return torch.maximum(z1.abs(), z2.abs())
+
+
+def decay_path(eta: float, lam: float, mu: float = 0.0, steps: int = 1, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The exact path ``x_0 … x_steps`` of ``||W_k P_V⊥|| / ||W_0 P_V⊥||`` under PyTorch's SGD with coupled L2 (spec A.11).
+
+    ``x_0 = 1``, ``x_1 = 1 − ηλ`` (the momentum buffer starts at zero), ``x_{k+1} = (1 + μ − ηλ) x_k − μ x_{k−1}``:
+    exact whenever the data gradient has no component on ``V⊥`` (fixed features spanning ``V``). Signed (the
+    path oscillates in the under-damped regime); its asymptotic factor is :func:`decay_factor_per_step`.
+    Returns ``[steps + 1]``.
+    """
+    steps = _as_int("steps", steps)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    decay_factor_per_step(eta, lam, mu)  # validates eta, lam >= 0 and 0 <= mu < 1
+    eta, lam, mu = float(eta), float(lam), float(mu)
+    x = [1.0, 1.0 - eta * lam]
+    for _ in range(steps - 1):
+        x.append((1 + mu - eta * lam) * x[-1] - mu * x[-2])
+    return torch.tensor(x, dtype=dtype)
 
 
 def fit_decay_rate(values: Tensor, times: Tensor, *, floor: float | None = None) -> Tensor:

@@ -14,6 +14,8 @@ metric ``D² [p]`` (:func:`flagcore.alignment.activation_metric`). Getting those
   right singular vectors, with the spectral-gap rule (``Degenerate`` when the feature spectrum has a
   relative gap below ``gap_threshold``: the singular vectors are then not determined) and the Haar
   mean :func:`haar_abs_inner_mean`.
+* :func:`e1_diagnostics`: all of the above plus the commutator measures of :mod:`flagcore.alignment` on one
+  model, after the E.1.2 sanity checks (the pipeline both training notebooks run).
 * :func:`neural_collapse_metrics`: NC1–NC4 in the normalisations of Papyan, Han & Donoho (2020) and
   Zhu et al. (2021), stated in the docstring.
 """
@@ -26,9 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .alignment import commutator_norm, conformal_split, geometric_consistency_gap, relative_commutator
 from .subspace import _as_int, _check_matrix, orthonormal_basis
 
 __all__ = [
+    "E1Diagnostics",
     "FeatureSubspace",
     "Level2Alignment",
     "Level3Score",
@@ -37,6 +41,7 @@ __all__ = [
     "haar_abs_inner_mean",
     "haar_level2_null",
     "level2_alignment",
+    "e1_diagnostics",
     "level3_score",
     "neural_collapse_metrics",
 ]
@@ -273,3 +278,63 @@ def neural_collapse_metrics(H: Tensor, y: Tensor, W: Tensor, logits: Tensor | No
     ncc = torch.cdist(H, mu).argmin(dim=1)
     nc4 = float((scores.argmax(dim=1) != ncc).to(dtype).mean())
     return NeuralCollapse(nc1, nc2_equinorm, nc2_equiangle, nc2_etf, nc3, nc4)
+
+
+# =========================================================================== the whole E.1 pipeline
+
+
+@dataclass(frozen=True)
+class E1Diagnostics:
+    """Everything App. E.1 measures on one model (spec A.15 items 2–10)."""
+
+    subspace: FeatureSubspace
+    level2: Level2Alignment
+    level3: Level3Score
+    commutator: float  # ||[P_V, D²]||_F (E.1)
+    relative: float  # ||[P_V, D²]||_F / (√r ||D²||_F + ε) (E.2, RECONSTRUCTED)
+    by_anisotropy: float  # ||[P_V, D²]||_F / ||D² − cI||_F, NaN when D² is conformal
+    gc_gap: float  # δ_gc = ||D² − cI||_F / ||D²||_F
+    collapse: NeuralCollapse | None  # NC1–NC4 when labels were given
+
+
+def e1_diagnostics(
+    H: Tensor,
+    W: Tensor,
+    D2: Tensor,
+    *,
+    y: Tensor | None = None,
+    logits: Tensor | None = None,
+    variance: float = 0.99,
+    centered: bool = True,
+    gap_threshold: float = 1e-2,
+) -> E1Diagnostics:
+    """The E.1 pipeline on captured features ``H [N, p]``, classifier ``W [C, p]`` and the diagonal ``D2 [p]``.
+
+    Runs the E.1.2 sanity checks first (a ``ValueError`` names the failure): ``D2``, ``H`` and ``W`` must agree
+    on the width ``p`` (a mismatch means a hook on the wrong layer) and ``Q_V`` must be orthonormal (to 1e-10 in
+    float64, 1e-5 otherwise). NC1–NC4 are computed when ``y`` is given.
+    """
+    H = _check_features(H)
+    p = H.shape[1]
+    W = _check_classifier(W, p)
+    if D2.ndim != 1 or D2.shape[0] != p:
+        raise ValueError(f"D2 must be the diagonal [p] with p = {p} (the feature width), got {tuple(D2.shape)}: "
+                         "the activation hook and the classifier hook are on different layers (spec E.1.2)")
+    fs = feature_subspace(H, variance=variance, centered=centered)
+    tol = 1e-10 if fs.Q_V.dtype == torch.float64 else 1e-5
+    err = float((fs.Q_V.mT @ fs.Q_V - torch.eye(fs.r, dtype=fs.Q_V.dtype, device=fs.Q_V.device)).abs().max())
+    if err > tol:
+        raise ValueError(f"Q_V is not orthonormal: max |Q_VᵀQ_V − I| = {err:.1e} > {tol:.0e} (spec E.1.2)")
+    comm = float(commutator_norm(D2, Q_V=fs.Q_V))
+    _, delta = conformal_split(D2)
+    aniso = float(delta.norm())
+    return E1Diagnostics(
+        subspace=fs,
+        level2=level2_alignment(fs.Q_V, W),
+        level3=level3_score(H, W, gap_threshold=gap_threshold, centered=centered),
+        commutator=comm,
+        relative=float(relative_commutator(D2, Q_V=fs.Q_V)),
+        by_anisotropy=comm / aniso if aniso > 0 else math.nan,
+        gc_gap=float(geometric_consistency_gap(D2)),
+        collapse=neural_collapse_metrics(H, y, W, logits) if y is not None else None,
+    )

@@ -367,3 +367,33 @@ def test_alignment_rejects_bad_input(fn, gen):
 def test_layer_pair_at_level_rejects_impossible_requests(args, kwargs, match, gen):
     with pytest.raises(ValueError, match=match):
         layer_pair_at_level(*args, generator=gen, **kwargs)
+
+
+# ----------------------------------------------------------------------------- decay_path (Theorem 5.3, discrete)
+
+
+def test_decay_path_closed_form_and_optimizer():
+    from flagcore.alignment import decay_factor_per_step, decay_path
+
+    eta, lam = 0.1, 0.3
+    k = torch.arange(51, dtype=torch.float64)
+    assert torch.allclose(decay_path(eta, lam, 0.0, 50), (1 - eta * lam) ** k, rtol=1e-13, atol=0)
+    # heavy ball: the same numbers torch.optim.SGD produces on a parameter that only weight decay moves
+    w = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=eta, momentum=0.9, weight_decay=lam)
+    path = [1.0]
+    for _ in range(60):
+        opt.zero_grad()
+        w.grad = torch.zeros_like(w)
+        opt.step()
+        path.append(w.item())
+    # absolute: the under-damped path crosses zero, and SGD adds its terms in another order (round-off ~1e-16 per step)
+    assert (decay_path(eta, lam, 0.9, 60) - torch.tensor(path, dtype=torch.float64)).abs().max() < 1e-13
+    # over-damped heavy ball: late ratios approach the asymptotic factor; the momentum-free factor is wrong there
+    x = decay_path(0.01, 0.1, 0.5, 400)
+    assert abs(float(x[-1] / x[-2]) - float(decay_factor_per_step(0.01, 0.1, 0.5))) < 1e-10
+    assert abs(float(x[-1] / x[-2]) - (1 - 0.01 * 0.1)) > 1e-4
+    with pytest.raises(ValueError):
+        decay_path(0.1, 0.1, 1.0, 5)
+    with pytest.raises(ValueError):
+        decay_path(0.1, 0.1, 0.0, 0)

@@ -215,3 +215,27 @@ def test_neural_collapse_bad_input():
         nc.neural_collapse_metrics(H, y.double(), W)
     with pytest.raises(ValueError, match="logits"):
         nc.neural_collapse_metrics(H, y, W, logits=torch.zeros(len(y), 4))
+
+
+# ----------------------------------------------------------------------------- the E.1 pipeline
+
+
+def test_e1_diagnostics_agrees_with_its_parts_and_checks_the_layer():
+    from flagcore.alignment import commutator_norm
+
+    g = _gen(11)
+    H, y, W = _collapsed(C=4, p=12, per_class=25, noise=0.3, g=g)
+    D2 = torch.rand(12, generator=g, dtype=F64)
+    out = nc.e1_diagnostics(H, W, D2, y=y)
+    fs = nc.feature_subspace(H)
+    assert out.subspace.r == fs.r
+    assert out.commutator == pytest.approx(float(commutator_norm(D2, Q_V=fs.Q_V)), rel=1e-12)
+    assert out.level2 == nc.level2_alignment(fs.Q_V, W) and out.collapse == nc.neural_collapse_metrics(H, y, W)
+    assert out.commutator > 0
+    # negative control: a conformal metric has no obstruction and no anisotropy
+    flat = nc.e1_diagnostics(H, W, torch.full((12,), 0.5, dtype=F64))  # 0.5: its mean is exact
+    assert flat.commutator == 0.0 and flat.gc_gap == 0.0 and math.isnan(flat.by_anisotropy) and flat.collapse is None
+    with pytest.raises(ValueError, match="wrong layer|different layers"):
+        nc.e1_diagnostics(H, W, torch.rand(13, dtype=F64))
+    with pytest.raises(ValueError, match="wrong layer"):
+        nc.e1_diagnostics(H, torch.randn(4, 13, dtype=F64), D2)

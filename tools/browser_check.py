@@ -37,9 +37,10 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toc import toc_files, toc_root  # noqa: E402  (tools/toc.py)
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -302,21 +303,8 @@ def check_page(browser: Chromium, base_url: str, page: str, out: Path, repo: Pat
 
 
 def toc_pages(root: Path = ROOT) -> list[str]:
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                files.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(toc.get("parts", []))
-    return ["index.html"] + [f + ".html" for f in files]
+    toc = root / "_toc.yml"
+    return ["index.html"] + [f + ".html" for f in [toc_root(toc), *toc_files(toc)]]
 
 
 def run(html: Path, pages: list[str], out: Path, chromium: str, repo: Path = ROOT) -> list[dict]:

@@ -44,6 +44,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import performance_page  # noqa: E402  (tools/performance_page.py)
 import results as results_dashboard  # noqa: E402  (tools/results.py)
+from toc import toc_files  # noqa: E402  (tools/toc.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
@@ -56,21 +57,7 @@ MATHJAX = BUILD / "npm" / "node_modules" / "mathjax" / "es5"
 
 def toc_notebooks(root: Path = ROOT) -> list[Path]:
     """Notebook sources (``.md``) listed in _toc.yml, in book order."""
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    files: list[str] = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                files.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(toc)
-    return [root / f"{f}.md" for f in files if f.startswith("notebooks/")]
+    return [root / f"{f}.md" for f in toc_files(root / "_toc.yml") if f.startswith("notebooks/")]
 
 
 def all_notebook_sources(root: Path = ROOT) -> list[Path]:

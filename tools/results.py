@@ -30,11 +30,13 @@ import sys
 from pathlib import Path
 
 import nbformat
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from flagcore.report import MIME_TYPE, PAPERS, STATUSES, Result  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toc import toc_files  # noqa: E402  (tools/toc.py)
 
 BUILD = ROOT / "_build"
 STAGE = BUILD / "src"
@@ -54,21 +56,7 @@ class ResultsError(RuntimeError):
 
 def toc_order(stage: Path) -> list[str]:
     """Notebook names (``notebooks/part/name``) in the order of the staged _toc.yml."""
-    toc = yaml.safe_load((stage / "_toc.yml").read_text())
-    files: list[str] = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                files.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(toc)
-    return [f for f in files if f.startswith("notebooks/")]
+    return [f for f in toc_files(stage / "_toc.yml") if f.startswith("notebooks/")]
 
 
 def default_parameters(nb) -> dict[str, object]:
