@@ -77,7 +77,7 @@ bench-quick: $(STAMP)
 # After `make book`: serve _build/html on localhost and check pages in headless Chromium (Debian `chromium`);
 # screenshots and report.json in _build/screenshots/.
 browser-test: $(STAMP)
-	$(BIN)/python tools/browser_check.py --html _build/html --out _build/screenshots
+	$(BIN)/python tools/browser_check.py --all --html _build/html --out _build/screenshots
 
 clean:
 	rm -rf _build .pytest_cache

@@ -2,14 +2,14 @@
 
 * Definition 3.1: random layer pairs at a prescribed alignment level (:func:`layer_pair_at_level`);
   the level itself is decided by :mod:`flagcore.subspace`.
-* Theorem 5.3 (Level-2 attraction, spec A.11): the ridge minimiser (Eq. 6), the exact gradient flow,
+* Theorem 5.3 (Level-2 attraction): the ridge minimiser (Eq. 6), the exact gradient flow,
   the orthogonal component ``W P_V⊥`` and its per-step decay factor under GD / heavy-ball momentum,
   and a log-linear rate fit.
-* Theorem 5.4 and Appendix C.3 (spec A.10, A.12, A.13): the activation metric ``D²`` (Eq. 8) from
+* Theorem 5.4 and Appendix C.3: the activation metric ``D²`` (Eq. 8) from
   pre-activations, the geometric-consistency gap, the commutator ``[P_V, D²]`` (dense and the fast
-  diagonal formula E.1), the invariance defect, the relative commutator (spec A.15 item 6), the
+  diagonal formula E.1), the invariance defect, the relative commutator, the
   chart Jacobian of the invariance condition, and the heuristic reduced dynamics of Appendix C.3.
-* Proposition 6.1 (spec A.14): the weight-decay split of two heads with a fixed sum.
+* Proposition 6.1: the weight-decay split of two heads with a fixed sum.
 
 Conventions shared by the feature diagnostics
 ---------------------------------------------
@@ -200,7 +200,7 @@ def _frob(X: Tensor) -> Tensor:
     return X.square().sum(dim=(-2, -1)).sqrt()
 
 
-# =========================================================================== Theorem 5.3 (spec A.11)
+# =========================================================================== Theorem 5.3
 
 
 def ridge_minimizer(H: Tensor, Y: Tensor, lam: float, *, form: str = "primal") -> Tensor:
@@ -276,7 +276,7 @@ def orthogonal_residual(W: Tensor, *, Q_V: Tensor | None = None, P_V: Tensor | N
 
 
 def decay_factor_per_step(eta: float | Tensor, lam: float | Tensor, mu: float | Tensor = 0.0) -> Tensor:
-    """Per-step contraction factor of ``W P_V⊥`` under GD / heavy-ball momentum with coupled L2 (spec A.11).
+    """Per-step contraction factor of ``W P_V⊥`` under GD / heavy-ball momentum with coupled L2.
 
     PyTorch's SGD convention ``g = ∇L + λW; v ← μv + g; W ← W − ηv``: on ``V⊥`` the data gradient
     vanishes, so ``x_{k+1} = (1 + μ − ηλ) x_k − μ x_{k−1}``, and the asymptotic factor is the largest
@@ -307,7 +307,7 @@ def decay_factor_per_step(eta: float | Tensor, lam: float | Tensor, mu: float | 
 
 
 def decay_path(eta: float, lam: float, mu: float = 0.0, steps: int = 1, *, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The exact path ``x_0 … x_steps`` of ``||W_k P_V⊥|| / ||W_0 P_V⊥||`` under PyTorch's SGD with coupled L2 (spec A.11).
+    """The exact path ``x_0 … x_steps`` of ``||W_k P_V⊥|| / ||W_0 P_V⊥||`` under PyTorch's SGD with coupled L2.
 
     ``x_0 = 1``, ``x_1 = 1 − ηλ`` (the momentum buffer starts at zero), ``x_{k+1} = (1 + μ − ηλ) x_k − μ x_{k−1}``:
     exact whenever the data gradient has no component on ``V⊥`` (fixed features spanning ``V``). Signed (the
@@ -328,7 +328,7 @@ def decay_path(eta: float, lam: float, mu: float = 0.0, steps: int = 1, *, dtype
 def fit_decay_rate(values: Tensor, times: Tensor, *, floor: float | None = None) -> Tensor:
     """Least-squares rate ``k`` in ``values ≈ A e^{−k t}``: minus the slope of ``log(values)`` vs ``times``.
 
-    Points with ``values <= floor`` are left out (the machine-precision floor, spec A.11 Test 4's
+    Points with ``values <= floor`` are left out (the machine-precision floor
     pitfall); the default floor is ``1e3 · eps(dtype) · values[..., 0]``, i.e. relative to the start.
 
     Args:
@@ -361,7 +361,7 @@ def fit_decay_rate(values: Tensor, times: Tensor, *, floor: float | None = None)
     return torch.where((n >= 2) & (sxx > 0), -slope, torch.full_like(slope, float("nan")))
 
 
-# =========================================================================== activation metric (spec A.10)
+# =========================================================================== activation metric
 
 
 def _gelu_prime(z: Tensor) -> Tensor:
@@ -386,12 +386,12 @@ _DERIVATIVES: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def activation_metric(z: Tensor, activation: str | Callable[[Tensor], Tensor]) -> Tensor:
-    """The diagonal of the activation metric ``D² = E_x[J_σᵀ J_σ] = diag(E[σ'(z_i)²])`` (Eq. 8, spec A.10).
+    """The diagonal of the activation metric ``D² = E_x[J_σᵀ J_σ] = diag(E[σ'(z_i)²])`` (Eq. 8).
 
     Args:
         z: pre-activations ``[..., N, p]`` (samples × channels; the expectation is the mean over N).
         activation: a name with a closed-form derivative — ``"relu"`` (``σ'² = 1[z > 0]``, so
-            ``D²_ii = Pr(z_i > 0)``, spec E.1.2), ``"linear"``/``"identity"`` (``D² = I`` exactly),
+            ``D²_ii = Pr(z_i > 0)``), ``"linear"``/``"identity"`` (``D² = I`` exactly),
             ``"tanh"``, ``"sigmoid"``, ``"softplus"``, ``"silu"``, ``"gelu"`` (exact erf form) — or any
             *elementwise* callable ``σ``, differentiated with autograd (e.g. ``torch.nn.functional.mish``).
 
@@ -431,7 +431,7 @@ def conformal_split(D2: Tensor, *, diagonal: bool | None = None) -> tuple[Tensor
 def geometric_consistency_gap(D2: Tensor, *, diagonal: bool | None = None) -> Tensor:
     """``δ_gc = ||D² − cI||_F / ||D²||_F`` with ``c = tr(D²)/p``: the relative size of ``Δ`` in Eq. (4).
 
-    RECONSTRUCTED (spec A.10, medium confidence): the paper's formula and its threshold ``τ_gc`` were
+    RECONSTRUCTED (medium confidence): the paper's formula and its threshold ``τ_gc`` were
     lost. For ReLU it is ``std(π)/rms(π)`` with ``π_i = Pr(z_i > 0)``. ``δ_gc = 0`` iff ``D²`` is
     conformal (``cI``); NaN where ``D² = 0`` (all channels dead). Returns ``[...]``.
     """
@@ -444,7 +444,7 @@ def geometric_consistency_gap(D2: Tensor, *, diagonal: bool | None = None) -> Te
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
 
 
-# =========================================================================== Theorem 5.4 (spec A.12)
+# =========================================================================== Theorem 5.4
 
 
 def commutator(D2: Tensor, *, Q_V: Tensor | None = None, P_V: Tensor | None = None, diagonal: bool | None = None) -> Tensor:
@@ -496,7 +496,7 @@ def relative_commutator(
     diagonal: bool | None = None,
     eps: float = 1e-12,
 ) -> Tensor:
-    """``ρ = ||[P_V, D²]||_F / (||P_V||_F ||D²||_F + ε)`` (spec A.15 item 6; RECONSTRUCTED, low-medium).
+    """``ρ = ||[P_V, D²]||_F / (||P_V||_F ||D²||_F + ε)`` (RECONSTRUCTED, low-medium).
 
     ``||P_V||_F = √r``. Scale-free in ``D²`` (up to ``ε``) and ``<= √2`` always (``||[P, D]||_F <=
     √2 ||D||_F`` for a projector ``P``); ``ε`` (default ``1e-12``, value [UNKNOWN] in the paper)
@@ -513,7 +513,7 @@ def relative_commutator(
 def invariance_chart_jacobian(
     Q_V: Tensor, D2: Tensor, *, diagonal: bool | None = None, Q_perp: Tensor | None = None
 ) -> Tensor:
-    """Jacobian at ``B = 0`` of ``B ↦ [P(B), D²]`` in the standard chart of ``Gr(r, p)`` at ``V`` (spec A.12).
+    """Jacobian at ``B = 0`` of ``B ↦ [P(B), D²]`` in the standard chart of ``Gr(r, p)`` at ``V``.
 
     The chart is ``P(B) = `` projector onto ``col(Q_V + Q_⊥ B)``, ``B ∈ R^{(p−r)×r}``, with ``Q_⊥`` an
     orthonormal basis of ``V⊥``. At a ``D²``-invariant ``V`` its rank is the codimension of the
@@ -565,12 +565,12 @@ def invariance_chart_jacobian(
     return torch.autograd.functional.jacobian(comm, B0)
 
 
-# =========================================================================== Appendix C.3 (spec A.13)
+# =========================================================================== Appendix C.3
 
 
 def tangent_projection(P: Tensor, X: Tensor) -> Tensor:
     """``T_P(X) = P X (I − P) + (I − P) X P``: projection of symmetric ``X`` onto the tangent space of the
-    Grassmannian (as projectors) at ``P`` (spec A.13, C.10/C.13). Batched ``[..., p, p]``."""
+    Grassmannian (as projectors) at ``P`` (C.10/C.13). Batched ``[..., p, p]``."""
     P = _check_matrix("P", P)
     X = _check_matrix("X", X)
     if P.shape[-1] != P.shape[-2] or X.shape[-2:] != P.shape[-2:]:
@@ -582,7 +582,7 @@ def tangent_projection(P: Tensor, X: Tensor) -> Tensor:
 
 
 def retract_projector(X: Tensor, r: int) -> Tensor:
-    """The rank-``r`` projector onto the top-``r`` eigenvectors of ``sym(X)``: the retraction of spec A.13.
+    """The rank-``r`` projector onto the top-``r`` eigenvectors of ``sym(X)``: the retraction of Appendix C.3.
 
     ``X`` is ``[..., p, p]``; returns ``[..., p, p]``. Exact for a projector perturbed by a small step.
     """
@@ -609,7 +609,7 @@ def simulate_residual_dynamics(
     steps: int,
     diagonal: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Explicit Euler with retraction for the HEURISTIC reduced dynamics of Appendix C.3 (spec A.13):
+    """Explicit Euler with retraction for the HEURISTIC reduced dynamics of Appendix C.3:
 
     ``Ṗ_W = −γ T_{P_W}(P_W − P_V)`` (gradient flow of ``½||P_W − P_V||_F²``) and
     ``Ṗ_V = κ [[D², P_V], P_V] = κ T_{P_V}(D²)`` (activation-induced drift); after every step each
@@ -652,7 +652,7 @@ def simulate_residual_dynamics(
     return times, torch.stack(errs, -1), torch.stack(comms, -1)
 
 
-# =========================================================================== Proposition 6.1 (spec A.14)
+# =========================================================================== Proposition 6.1
 
 
 def _check_heads(W1: Tensor, W2: Tensor) -> tuple[Tensor, Tensor]:
@@ -677,7 +677,7 @@ def head_penalty_split(W1: Tensor, W2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def project_fixed_sum(W1: Tensor, W2: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    """Orthogonal projection of ``(W1, W2)`` onto ``{W1 + W2 = S}``: ``W_i ← W_i − ½(W1 + W2 − S)`` (spec A.14 Test 5)."""
+    """Orthogonal projection of ``(W1, W2)`` onto ``{W1 + W2 = S}``: ``W_i ← W_i − ½(W1 + W2 − S)``."""
     W1, W2 = _check_heads(W1, W2)
     S = _check_matrix("S", S)
     if S.shape[-2:] != W1.shape[-2:]:

@@ -1,6 +1,7 @@
 """Rank collapse, LayerNorm, residuals and head channels (Cirrincione 2026, building on Dong et al. 2021).
 
-Spec: ``flag_and_collapse.md`` Part B. Only the abstract of the rank-collapse paper survived; every
+The formulas are stated, with their provenance, in the book's appendix (Formulas and provenance: rank
+collapse). Only the abstract of the rank-collapse paper survived; every
 formula here is either Dong, Cordonnier & Loukas (2021) [DONG] or a derived / reconstructed
 statement that the tests and notebooks verify numerically.
 
@@ -68,7 +69,7 @@ __all__ = [
 
 
 def centering(n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
-    """The centring projector ``C_n = I_n - (1/n) 1 1^T`` (spec 0.4), ``[n, n]``."""
+    """The centring projector ``C_n = I_n - (1/n) 1 1^T``, ``[n, n]``."""
     n = _as_int("n", n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -83,7 +84,7 @@ def _check_tokens(name: str, X: Tensor) -> Tensor:
 
 
 def affine_rank(X: Tensor, rtol: float | None = None) -> int | Tensor:
-    """Affine rank of the token set: ``dim aff{x_1..x_n} = rank(C_n X) = rank[X 1] - 1`` (spec B.2).
+    """Affine rank of the token set: ``dim aff{x_1..x_n} = rank(C_n X) = rank[X 1] - 1``.
 
     Numerically: the number of singular values of ``C_n X`` above ``rtol * ||X||_2``. The threshold is
     relative to the spectral norm of ``X`` itself, **not** of ``C_n X``: a collapsed matrix
@@ -110,7 +111,7 @@ def affine_rank(X: Tensor, rtol: float | None = None) -> int | Tensor:
 
 
 def residual(X: Tensor, center: str = "mean") -> Tensor:
-    """Dong's residual ``res(X) = X - 1 x^T`` (spec B.1), ``[..., n, d]``.
+    """Dong's residual ``res(X) = X - 1 x^T``, ``[..., n, d]``.
 
     * ``center="mean"``: ``x`` = token mean, so ``res(X) = C_n X`` (Dong's plotting code). It is also the
       exact minimiser of ``||X - 1x^T||_F``.
@@ -135,7 +136,7 @@ def residual(X: Tensor, center: str = "mean") -> Tensor:
 
 
 def composite_norm(X: Tensor) -> Tensor:
-    """Dong's composite quantity ``||X||_{1,inf} = sqrt(||X||_1 ||X||_inf)`` (spec B.1, repo ``utils.py``).
+    """Dong's composite quantity ``||X||_{1,inf} = sqrt(||X||_1 ||X||_inf)`` (repo ``utils.py``).
 
     ``||X||_1`` = max column sum of ``|X|``, ``||X||_inf`` = max row sum. Square-root version (the older
     ``functions.py`` omits the root). Not a norm: it violates the triangle inequality. ``[...]``.
@@ -147,7 +148,7 @@ def composite_norm(X: Tensor) -> Tensor:
 
 
 def residual_ratio(X: Tensor, center: str = "mean", norm: str = "1,inf") -> Tensor:
-    """``||res(X)|| / ||X||`` (Dong's per-layer plot, spec B.1); ``norm`` in ``{"1,inf", "fro", "2"}``. ``[...]``.
+    """``||res(X)|| / ||X||`` (Dong's per-layer plot); ``norm`` in ``{"1,inf", "fro", "2"}``. ``[...]``.
 
     Zero when the tokens have collapsed to one point; ``0/0`` (``X = 0``) raises.
     """
@@ -170,7 +171,7 @@ def residual_ratio(X: Tensor, center: str = "mean", norm: str = "1,inf") -> Tens
 
 
 def path_count(L: int, H: int, k: int | None = None, skip: bool = True) -> int:
-    """Number of paths in Dong's decomposition (Thm 2.1, spec B.1).
+    """Number of paths in Dong's decomposition (Thm 2.1).
 
     With skips a path picks, per layer, the identity or one of ``H`` heads: ``C(L, k) H^k`` paths of
     length ``k`` (``k`` non-skipped layers), ``(1 + H)^L`` in all (``k=None``). Without skips every
@@ -229,7 +230,7 @@ def path_sum(X: Tensor, P: Tensor, W: Tensor, skip: bool = True) -> tuple[Tensor
 
 
 def layer_norm_scales(X: Tensor, eps: float = 1e-12) -> Tensor:
-    """Per-token scales ``s_i = sqrt(||C_d x_i||^2 / d + eps)`` (spec B.3), ``[..., n]``."""
+    """Per-token scales ``s_i = sqrt(||C_d x_i||^2 / d + eps)``, ``[..., n]``."""
     X = _check_tokens("X", X)
     if not eps >= 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
@@ -238,7 +239,7 @@ def layer_norm_scales(X: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def layer_norm(X: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None, eps: float = 1e-12) -> Tensor:
-    """LayerNorm per token in matrix form ``LN(X) = D^{-1} X C_d Gamma + 1 beta^T`` (spec B.3).
+    """LayerNorm per token in matrix form ``LN(X) = D^{-1} X C_d Gamma + 1 beta^T``.
 
     ``D = diag(s_i)`` (:func:`layer_norm_scales`), ``C_d`` the feature-centring projector,
     ``Gamma = diag(gamma)``. Equals ``torch.nn.functional.layer_norm(X, (d,), gamma, beta, eps)``.
@@ -347,7 +348,7 @@ def random_bert_layer(
     """A BERT layer at initialisation: weights i.i.d. ``N(0, std^2)``, zero biases, ``gamma=1, beta=0``.
 
     ``std=0.02`` is BERT's ``initializer_range``; ``std=1/sqrt(d)`` the variance-preserving scale used in
-    spec Test B.1. ``d_ff`` defaults to ``4 d`` (BERT-base: 3072). Sampled on the CPU generator.
+    the book's rank-collapse test. ``d_ff`` defaults to ``4 d`` (BERT-base: 3072). Sampled on the CPU generator.
     """
     d, heads = _as_int("d", d), _as_int("heads", heads)
     d_ff = 4 * d if d_ff is None else _as_int("d_ff", d_ff)
@@ -433,7 +434,7 @@ def _check_layer_input(X: Tensor, layer: BertLayerWeights) -> Tensor:
 
 
 def attention_probs(X: Tensor, layer: BertLayerWeights) -> Tensor:
-    """Per-head attention ``P_h = softmax_row((X Wq_h + bq_h)(X Wk_h + bk_h)^T / sqrt(d_k))`` (spec B.1).
+    """Per-head attention ``P_h = softmax_row((X Wq_h + bq_h)(X Wk_h + bk_h)^T / sqrt(d_k))``.
 
     ``[..., n, d] -> [..., H, n, n]``; every row is a probability vector. No mask (one unpadded sequence).
     """
@@ -445,10 +446,10 @@ def attention_probs(X: Tensor, layer: BertLayerWeights) -> Tensor:
 
 
 def multi_head_attention(X: Tensor, layer: BertLayerWeights, return_heads: bool = False):
-    """``MHA(X) = sum_h P_h (X Wv_h + bv_h) Wo^h + 1 bo^T`` (spec B.1), ``[..., n, d]``.
+    """``MHA(X) = sum_h P_h (X Wv_h + bv_h) Wo^h + 1 bo^T``, ``[..., n, d]``.
 
-    With ``return_heads`` also the per-head signals ``Z_h = P_h (X Wv_h + bv_h)``, ``[..., H, n, d_k]``
-    (spec B.6), so that ``MHA(X) = concat_h(Z_h) Wo + bo``.
+    With ``return_heads`` also the per-head signals ``Z_h = P_h (X Wv_h + bv_h)``, ``[..., H, n, d_k]``,
+    so that ``MHA(X) = concat_h(Z_h) Wo + bo``.
     """
     X = _check_layer_input(X, layer)
     H, dk = layer.heads, layer.d_k
@@ -464,7 +465,7 @@ def _gelu(x: Tensor) -> Tensor:
 
 
 def block_forward(X: Tensor, layer: BertLayerWeights, arch: str = "full") -> Tensor:
-    """One BERT-style block with parts switched on or off (spec B.1, B.4, B.5).
+    """One BERT-style block with parts switched on or off.
 
     ``h = MHA(X)``; ``skip``: ``h = X + h``; ``ln``: ``h = LN1(h)``; then if ``mlp``:
     ``m = GELU(h W1 + b1) W2 + b2``, ``skip``: ``m = h + m``, ``ln``: ``m = LN2(m)``. ``arch`` is a key of
@@ -502,7 +503,7 @@ def stack_forward(X: Tensor, layers: list[BertLayerWeights], arch: str = "full")
 
 
 def reachable_span(S0: Tensor, layers: list[BertLayerWeights], arch: str = "san+skip+ln", rtol: float = 1e-10) -> Tensor:
-    """Orthonormal basis ``[d, r]`` of the attention-reachable span ``K_L(S_0)`` (spec B.5, RECONSTRUCTED).
+    """Orthonormal basis ``[d, r]`` of the attention-reachable span ``K_L(S_0)`` (RECONSTRUCTED).
 
     Every output row of an attention-only stack (``arch`` without ``mlp``; any heads, skips, post-LN,
     any biases) whose input rows lie in ``S_0 = col(S0)`` lies in ``K_L``, built layer by layer:
@@ -552,7 +553,7 @@ def reachable_span(S0: Tensor, layers: list[BertLayerWeights], arch: str = "san+
 
 
 def attention_entropy(P: Tensor, atol: float = 1e-6) -> Tensor:
-    """Row entropies ``Ent(P_i) = -sum_j P_ij log P_ij`` in nats, with ``0 log 0 = 0`` (spec B.8), ``[..., n]``.
+    """Row entropies ``Ent(P_i) = -sum_j P_ij log P_ij`` in nats, with ``0 log 0 = 0``, ``[..., n]``.
 
     ``P [..., n, m]`` must be row-stochastic: entries ``>= -atol`` and rows summing to 1 within ``atol``.
     Values lie in ``[0, log m]``.
@@ -576,7 +577,7 @@ def _check_wo(Wo: Tensor, heads: int) -> tuple[Tensor, int, int]:
 
 
 def head_summation_matrix(Wo: Tensor, heads: int, n: int) -> Tensor:
-    """The explicit matrix of ``Phi: (Z_1..Z_H) -> sum_h Z_h Wo^h`` on row-major ``vec`` (spec B.6).
+    """The explicit matrix of ``Phi: (Z_1..Z_H) -> sum_h Z_h Wo^h`` on row-major ``vec``.
 
     Input coordinates: ``n * H * d_k`` (the concatenation ``Z = [Z_1 ... Z_H] [n, H*d_k]``, vectorised by rows),
     output ``n * d``. Equal to ``kron(I_n, Wo^T)``. A brute-force oracle for :func:`head_kernel_dim`.
@@ -589,7 +590,7 @@ def head_summation_matrix(Wo: Tensor, heads: int, n: int) -> Tensor:
 
 
 def head_kernel_dim(Wo: Tensor, heads: int, n: int, rtol: float | None = None) -> int:
-    """``dim ker Phi = n (H d_k - rank Wo)`` (spec B.6, DERIVED): the head signals invisible downstream.
+    """``dim ker Phi = n (H d_k - rank Wo)`` (DERIVED): the head signals invisible downstream.
 
     Equals the abstract's ``n (H-1) d_k`` exactly when ``rank Wo = d_k`` (one shared channel, e.g. all
     ``Wo^h`` equal); 0 when ``Wo`` has full row rank ``H d_k`` (generic BERT-base: ``H d_k = d``).
@@ -607,7 +608,7 @@ def head_kernel_dim(Wo: Tensor, heads: int, n: int, rtol: float | None = None) -
 
 
 def head_gauge(Wo: Tensor, heads: int, n: int, generator: torch.Generator | None = None, rtol: float | None = None) -> Tensor:
-    """A random gauge perturbation ``Delta [H, n, d_k]`` with ``sum_h Delta_h Wo^h = 0`` (spec B.6, B.9).
+    """A random gauge perturbation ``Delta [H, n, d_k]`` with ``sum_h Delta_h Wo^h = 0``.
 
     Each row of ``[Delta_1 ... Delta_H]`` is a random combination of an orthonormal basis of the left null
     space of ``Wo`` (zero when ``Wo`` has full row rank). Adding it to the head signals changes every
@@ -628,7 +629,7 @@ def head_gauge(Wo: Tensor, heads: int, n: int, generator: torch.Generator | None
 
 
 class PositionGatedOutputProjection(nn.Module):
-    """PG-OP, reconstructed (spec B.7): ``O_i = sum_h g_h(i) z_{h,i} Wo^h + bo``, ``g(i) = 2 sigmoid(u_i Wg + bg)``.
+    """PG-OP, reconstructed: ``O_i = sum_h g_h(i) z_{h,i} Wo^h + bo``, ``g(i) = 2 sigmoid(u_i Wg + bg)``.
 
     ``out_proj = nn.Linear(H d_k, d)`` is the standard output projection; ``gate = nn.Linear(d, H)`` maps the
     position embedding (or the token's layer input) ``u_i`` to one gate per head. The gate is
@@ -675,7 +676,7 @@ class PositionGatedOutputProjection(nn.Module):
 
 
 def pgop_overhead(d: int, heads: int, bias: bool = True) -> float:
-    """Closed form of PG-OP's overhead (spec B.7): ``(d+1)H / ((d+1)d) = H/d = 1/d_k`` with biases,
+    """Closed form of PG-OP's overhead: ``(d+1)H / ((d+1)d) = H/d = 1/d_k`` with biases,
     ``dH / d^2`` without; both ``12/768 = 1.5625 %`` for BERT-base."""
     d, heads = _as_int("d", d), _as_int("heads", heads)
     if d < 1 or heads < 1:

@@ -5,11 +5,10 @@ intersection dimension ``k = dim(V ∩ U)``. This module samples pairs in a pres
 ``X_k`` and constructs the group element that carries one pair of a stratum onto another, which
 is the constructive content of "GL(d) acts transitively on each stratum".
 
-It also holds the dimension counts of Proposition 3.3 / Corollary 3.5 (spec A.4, A.6), their
-independent numerical check (the rank of the infinitesimal GL(d) action, spec Test A.4), the
-nested parametrisation of a flag (spec Test A.6), the cumulative drift functional of Corollary 3.4
-(spec A.5), the orbit dimension of each relative-position stratum and the Plücker embedding used
-for the Hilbert–Mumford degeneration (spec A.7, A.8).
+It also holds the dimension counts of Proposition 3.3 / Corollary 3.5, their
+independent numerical check (the rank of the infinitesimal GL(d) action), the
+nested parametrisation of a flag, the cumulative drift functional of Corollary 3.4, the orbit dimension of each relative-position stratum and the Plücker embedding used
+for the Hilbert–Mumford degeneration.
 """
 
 from __future__ import annotations
@@ -208,7 +207,7 @@ def _check_ranks(d: int, ranks: Sequence[int], *, nested: bool = True) -> tuple[
 
 
 def grassmannian_product_dim(d: int, ranks: Sequence[int]) -> int:
-    """``dim prod_l Gr(r_l, d) = sum_l r_l (d - r_l)`` (Eq. A.1, spec A.4). Ranks in any order."""
+    """``dim prod_l Gr(r_l, d) = sum_l r_l (d - r_l)`` (Eq. A.1). Ranks in any order."""
     d, rs = _check_ranks(d, ranks, nested=False)
     return sum(r * (d - r) for r in rs)
 
@@ -236,13 +235,13 @@ def flag_dim_blocks(d: int, ranks: Sequence[int]) -> int:
 
 
 def removed_dof(d: int, ranks: Sequence[int]) -> int:
-    """Degrees of freedom removed by nesting: ``(A.1) - (A.2) = sum_{l=2}^L r_{l-1} (d - r_l)`` (spec A.4)."""
+    """Degrees of freedom removed by nesting: ``(A.1) - (A.2) = sum_{l=2}^L r_{l-1} (d - r_l)``."""
     d, rs = _check_ranks(d, ranks)
     return sum(a * (d - b) for a, b in zip(rs, rs[1:]))
 
 
 def parameter_counts(d: int, ranks: Sequence[int]) -> tuple[int, int]:
-    """Raw coefficient counts of Corollary 3.5 (spec A.6): ``(N_flag, N_indep)``.
+    """Raw coefficient counts of Corollary 3.5: ``(N_flag, N_indep)``.
 
     ``N_flag = d r_L + sum_{l<L} r_l r_{l+1}`` (a ``d x r_L`` basis of ``V_L`` and, for each ``l < L``,
     the ``r_{l+1} x r_l`` coefficients of ``V_l`` in the basis of ``V_{l+1}``); ``N_indep = d sum_l r_l``
@@ -265,7 +264,7 @@ def random_flag(
 ) -> list[Tensor]:
     """A random flag ``V_1 ⊆ ... ⊆ V_L``: ``V_l`` = first ``r_l`` columns of one Haar orthogonal ``B``.
 
-    Returns orthonormal bases ``[d, r_l]`` (spec Test A.4's construction).
+    Returns orthonormal bases ``[d, r_l]`` (the construction of the cumulative-drift notebook).
     """
     d, rs = _check_ranks(d, ranks)
     B = haar_frames(d, d, 1, generator, dtype=dtype)[0]
@@ -279,7 +278,7 @@ def nested_flag_parameters(
     *,
     dtype: torch.dtype = torch.float64,
 ) -> list[Tensor]:
-    """Raw parameters of the nested parametrisation (spec Test A.6), Gaussian.
+    """Raw parameters of the nested parametrisation, Gaussian.
 
     ``[B_L, C_{L-1}, ..., C_1]`` with ``B_L`` ``[d, r_L]`` and ``C_l`` ``[r_{l+1}, r_l]``; their total
     ``numel`` is ``N_flag`` of :func:`parameter_counts`. Map them to bases with :func:`nested_flag_bases`.
@@ -294,7 +293,7 @@ def nested_flag_parameters(
 def nested_flag_bases(params: Sequence[Tensor]) -> list[Tensor]:
     """Orthonormal bases ``[Q_1, ..., Q_L]`` of the flag encoded by ``[B_L, C_{L-1}, ..., C_1]``.
 
-    ``Q_L = qr(B_L)``, ``Q_l = qr(Q_{l+1} C_l)`` (spec Test A.6), so ``col(Q_l) ⊆ col(Q_{l+1})`` by
+    ``Q_L = qr(B_L)``, ``Q_l = qr(Q_{l+1} C_l)``, so ``col(Q_l) ⊆ col(Q_{l+1})`` by
     construction. Differentiable (reduced QR); the parameters must have full column rank.
     """
     if isinstance(params, Tensor) or not isinstance(params, Sequence) or not params:
@@ -330,13 +329,13 @@ def _check_bases(bases: Sequence[Tensor]) -> list[Tensor]:
     return Qs
 
 
-# =========================================================================== orbit dimension (spec Test A.4)
+# =========================================================================== orbit dimension
 
 
 def gl_action_matrix(bases: Sequence[Tensor]) -> Tensor:
     """Matrix of the infinitesimal GL(d) action at ``(V_1, ..., V_L)`` on ``prod_l Gr(r_l, d)``.
 
-    The map ``gl(d) ∋ X -> ((I - P_l) X P_l)_l`` (spec Test A.4) written in the coordinates
+    The map ``gl(d) ∋ X -> ((I - P_l) X P_l)_l`` written in the coordinates
     ``N_l^T X Q_l`` of ``T_{V_l} Gr = Hom(V_l, V_l^⊥)``, with ``Q_l`` an orthonormal basis of ``V_l``
     and ``N_l`` one of its orthogonal complement (``(I - P_l) X P_l = N_l (N_l^T X Q_l) Q_l^T``, same
     rank). With row-major ``vec``, ``vec(N^T X Q) = (N^T ⊗ Q^T) vec(X)``. Returns
@@ -354,7 +353,7 @@ def gl_action_matrix(bases: Sequence[Tensor]) -> Tensor:
 
 @dataclass(frozen=True)
 class OrbitRank:
-    """What :func:`orbit_rank` decided and the evidence (spec Test A.4)."""
+    """What :func:`orbit_rank` decided and the evidence."""
 
     rank: int  #: numerical rank of the action matrix = orbit dimension
     singular_values: Tensor  #: all singular values, descending
@@ -415,7 +414,7 @@ def subspace_drift(V: Tensor, U: Tensor) -> Tensor:
 
 
 def cumulative_drift(bases: Sequence[Tensor], variant: str = "angles") -> Tensor:
-    """``D(V_1, ..., V_L) = sum_{l<L} delta(V_l, V_{l+1})`` (Eq. 2 of Corollary 3.4, spec A.5).
+    """``D(V_1, ..., V_L) = sum_{l<L} delta(V_l, V_{l+1})`` (Eq. 2 of Corollary 3.4).
 
     ``variant="angles"``: ``delta`` of :func:`subspace_drift` (minimum 0, attained iff
     ``V_l ⊆ V_{l+1}`` for all ``l`` when ``r_l <= r_{l+1}``). ``variant="projector"``:
@@ -453,7 +452,7 @@ def drift_orthonormal(QV: Tensor, QU: Tensor) -> Tensor:
     return min(QV.shape[-1], QU.shape[-1]) - (QV.transpose(-1, -2) @ QU).square().sum(dim=(-2, -1))
 
 
-# =========================================================================== Plücker embedding (spec A.8)
+# =========================================================================== Plücker embedding
 
 _MAX_MINORS = 2_000_000
 

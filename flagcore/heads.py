@@ -1,13 +1,12 @@
 """Attention-head subspaces: per-head weights of real models and the head-overlap score R (flag paper §6, §7.2).
 
-Head ``h`` of a layer spans ``S_h = col(W_Q^{(h)})``, a ``d_k``-dimensional subspace of R^d (spec
-A.14). With ``Q_h`` an orthonormal basis of ``S_h`` and ``P_h = Q_h Q_h^T``, the layer's score is
+Head ``h`` of a layer spans ``S_h = col(W_Q^{(h)})``, a ``d_k``-dimensional subspace of R^d. With ``Q_h`` an orthonormal basis of ``S_h`` and ``P_h = Q_h Q_h^T``, the layer's score is
 
     R = 1/(H(H-1)) sum_{i != j} tr(P_i P_j) / d_k = 1/(H(H-1)) sum_{i != j} ||Q_i^T Q_j||_F^2 / d_k   (Eq. 10/12)
 
 ``R = 0`` iff the heads are mutually orthogonal, ``R = 1`` iff they coincide, and for independent
 Haar-random heads ``E[R] = d_k/d`` exactly, with the standard deviation of
-:func:`haar_overlap_baseline` (spec A.14, derived there).
+:func:`haar_overlap_baseline` (derived there).
 
 Weights come from :mod:`flagcore.weights` in the canonical ``[H, d, d_head]`` layout (raw weights:
 no LayerNorm folding, no biases). The arithmetic is batched: one orthonormalisation of all heads,
@@ -200,7 +199,7 @@ def _normalised_gram(W: Tensor, assume_orthonormal: bool, *, checked: bool = Fal
 
 
 def overlap_matrix(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
-    """``[..., H, H]`` matrix ``O_ij = ||Q_i^T Q_j||_F^2 / r = tr(P_i P_j) / r`` (spec A.14, Eq. 12).
+    """``[..., H, H]`` matrix ``O_ij = ||Q_i^T Q_j||_F^2 / r = tr(P_i P_j) / r`` (Eq. 12).
 
     ``W``: ``[..., H, d, d_k]`` spanning matrices of the heads (any scaling; rank ``r`` = ``d_k``
     generically; rank-deficient heads are orthonormalised with :func:`flagcore.subspace.orthonormal_basis`,
@@ -254,7 +253,7 @@ class HaarBaseline:
 
 
 def haar_overlap_baseline(d: int, d_k: int, H: int) -> HaarBaseline:
-    """Exact mean and standard deviation of ``R`` for ``H`` independent Haar ``d_k``-planes in R^d (spec A.14).
+    """Exact mean and standard deviation of ``R`` for ``H`` independent Haar ``d_k``-planes in R^d.
 
     Mean: ``E[P_i] = (d_k/d) I`` by O(d)-invariance, so ``E tr(P_i P_j) = d_k^2/d`` and ``E[R] = d_k/d``.
     Variance: ``Var tr(P_i P_j) = 2 d_k^2 (d-d_k)^2 / (d^2 (d-1)(d+2))``; the ordered pairs are
@@ -275,8 +274,8 @@ def haar_overlap_baseline(d: int, d_k: int, H: int) -> HaarBaseline:
 def haar_overlap_samples(
     d: int, d_k: int, H: int, n: int, generator: torch.Generator | None = None, *, dtype: torch.dtype = torch.float64
 ) -> Tensor:
-    """``[n]`` independent draws of ``R`` for ``H`` independent Haar heads (the empirical baseline of spec
-    A.16), from :func:`flagcore.subspace.haar_frames`."""
+    """``[n]`` independent draws of ``R`` for ``H`` independent Haar heads (the paper's empirical baseline),
+    from :func:`flagcore.subspace.haar_frames`."""
     H, n = _as_int("H", H), _as_int("n", n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -385,7 +384,7 @@ def pair_angles(W: Tensor, pairs: Tensor) -> Tensor:
     """Principal angles (radians, ascending) between heads ``W[i]`` and ``W[j]`` for each row ``(i, j)`` of
     ``pairs``: ``[P, r]`` from ``W`` ``[H, d, d_k]`` and ``pairs`` ``[P, 2]``.
 
-    One batched call of :func:`flagcore.subspace.principal_angles` (spec A.14: ``O_ij = sum_a cos^2 theta_a / r``).
+    One batched call of :func:`flagcore.subspace.principal_angles` (``O_ij = sum_a cos^2 theta_a / r``).
     """
     W = _check_heads(W)
     if W.ndim != 3:
@@ -407,7 +406,7 @@ def haar_angle_samples(
     """``[n, d_k]`` principal angles (ascending) between ``n`` independent pairs of Haar ``d_k``-planes in R^d.
 
     The Monte-Carlo null for :func:`pair_angles` (its quantiles per angle index are the Haar band of the
-    angle spectrum). Exact check: ``E sum_a cos^2 theta_a = d_k^2 / d`` (spec A.14).
+    angle spectrum). Exact check: ``E sum_a cos^2 theta_a = d_k^2 / d``.
     """
     d, d_k, n = (_as_int(k, v) for k, v in (("d", d), ("d_k", d_k), ("n", n)))
     if n < 1:

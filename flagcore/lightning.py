@@ -1,6 +1,6 @@
 """Lightning (and softmax) self-attention in the convention of Henry, Marchetti & Kohn (2025).
 
-Convention (spec lightning.md §1–2), used by every function here:
+Convention (the book's appendix, lightning section), used by every function here:
 
 * An input is a matrix ``X`` of shape ``[..., d, t]`` whose **columns are the tokens**
   ``x_1, ..., x_t`` (leading dimensions are a batch). Code that stores tokens as rows
@@ -138,7 +138,7 @@ def attention_matrix(Q: Tensor, K: Tensor) -> Tensor:
 
 
 def lightning_layer(X: Tensor, Q: Tensor, K: Tensor, V: Tensor) -> Tensor:
-    """Lightning self-attention (Definition 1, Eqs. 1–2 of the paper; spec §2.1).
+    """Lightning self-attention (Definition 1, Eqs. 1–2 of the paper).
 
     ``phi_W(X) = V X X^T K^T Q X``; column ``i`` is ``sum_j <Q x_i, K x_j> V x_j``. Tokens are the
     **columns** of ``X``. Evaluated in O(t) as ``(V X (K X)^T)(Q X)``.
@@ -160,7 +160,7 @@ def _lightning(X: Tensor, Q: Tensor, K: Tensor, V: Tensor) -> Tensor:
 
 
 def lightning_layer_av(X: Tensor, A: Tensor, V: Tensor) -> Tensor:
-    """The layer in ``(A, V)`` coordinates, ``phi_{A,V}(X) = V X X^T A X`` (Eq. 2; spec §2.1).
+    """The layer in ``(A, V)`` coordinates, ``phi_{A,V}(X) = V X X^T A X`` (Eq. 2).
 
     ``X: [..., d, t]`` (tokens as columns), ``A: [d, d]``, ``V: [d', d]`` -> ``[..., d', t]``.
     """
@@ -187,7 +187,7 @@ def _check_temperature(temperature: float) -> float:
 
 
 def softmax_layer(X: Tensor, Q: Tensor, K: Tensor, V: Tensor, temperature: float = 1.0) -> Tensor:
-    """Traditional (normalized) self-attention, Eq. (15) with ``S(x) = exp(x / temperature)`` (spec §7.1).
+    """Traditional (normalized) self-attention, Eq. (15) with ``S(x) = exp(x / temperature)``.
 
     ``phi(X)_i = sum_j S(x_j^T A x_i) / sum_k S(x_k^T A x_i) * V x_j`` with ``A = K^T Q``: the softmax
     runs over the key index ``j`` for each query ``i``. Tokens are the columns of ``X: [..., d, t]``.
@@ -207,7 +207,7 @@ def softmax_layer_av(X: Tensor, A: Tensor, V: Tensor, temperature: float = 1.0) 
 
 
 def deep_network(X: Tensor, weights: Weights, normalized: bool = False, temperature: float = 1.0) -> Tensor:
-    """``phi_W = phi_{W_l} o ... o phi_{W_1}`` (Definition 2, Eq. 4; spec §2.2).
+    """``phi_W = phi_{W_l} o ... o phi_{W_1}`` (Definition 2, Eq. 4).
 
     Args:
         X: ``[..., d_0, t]``, tokens as columns.
@@ -256,7 +256,7 @@ def _network_tokens(X: Tensor, layers, normalized: bool, temperature: float = 1.
 
 
 def virtual_weights(weights: Weights) -> tuple[list[Tensor], Tensor]:
-    """Virtual weights (Eq. 8; spec §6.1): ``Abar_i = P_{i-1}^T A_i P_{i-1}``, ``Vbar = P_l``.
+    """Virtual weights (Eq. 8): ``Abar_i = P_{i-1}^T A_i P_{i-1}``, ``Vbar = P_l``.
 
     Here ``A_i = K_i^T Q_i`` and ``P_0 = I``, ``P_i = V_i V_{i-1} ... V_1`` (``[d_i, d_0]``). The network
     depends on ``W`` only through ``(Abar_1, ..., Abar_l, Vbar)`` (lightning and softmax alike).
@@ -290,7 +290,7 @@ def _check_virtual(X: Tensor, Abar: Sequence[Tensor], Vbar: Tensor) -> tuple[Ten
 
 
 def network_from_virtual(X: Tensor, Abar: Sequence[Tensor], Vbar: Tensor) -> Tensor:
-    """The lightning network from its virtual weights by the recursion of Lemma 3.6 (spec §6.4, Eqs. 10–11).
+    """The lightning network from its virtual weights by the recursion of Lemma 3.6 (Eqs. 10–11).
 
     With ``G = X X^T`` (symmetric, ``[..., d_0, d_0]``): ``M_1 = Abar_1``,
     ``M_i = M_{i-1} G M_{i-1}^T G Abar_i G M_{i-1}``, and ``phi(X) = Vbar G M_l X``. (The recursion is a
@@ -306,7 +306,7 @@ def network_from_virtual(X: Tensor, Abar: Sequence[Tensor], Vbar: Tensor) -> Ten
 
 
 def base3_factor_indices(l: int) -> list[tuple[int, bool]]:
-    """The factors ``B_1, ..., B_n`` of Eq. (12), ``n = (3^l - 1) / 2`` (spec §6.5).
+    """The factors ``B_1, ..., B_n`` of Eq. (12), ``n = (3^l - 1) / 2``.
 
     For ``m = 1..n`` let ``r(m)`` be the position (from the right, starting at 1) of the first non-zero
     base-3 digit of ``m``. Then ``B_m = Abar_{r(m)}`` if that digit is 1 and ``Abar_{r(m)}^T`` if it is 2.
@@ -328,7 +328,7 @@ def base3_factor_indices(l: int) -> list[tuple[int, bool]]:
 
 
 def product_form(X: Tensor, Abar: Sequence[Tensor], Vbar: Tensor) -> Tensor:
-    """The non-recursive form of Eq. (12): ``phi(X) = Vbar G B_1 G B_2 ... G B_n X``, ``G = X X^T`` (spec §6.5).
+    """The non-recursive form of Eq. (12): ``phi(X) = Vbar G B_1 G B_2 ... G B_n X``, ``G = X X^T``.
 
     ``B_m`` follows the base-3 rule of :func:`base3_factor_indices`. ``X: [..., d_0, t]`` -> ``[..., d_l, t]``.
     """
@@ -342,7 +342,7 @@ def product_form(X: Tensor, Abar: Sequence[Tensor], Vbar: Tensor) -> Tensor:
 
 
 def inter_layer_action(weights: Weights, C: Sequence[Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """The inter-layer symmetry of Eq. (9) (spec §6.2).
+    """The inter-layer symmetry of Eq. (9).
 
     With ``C = [C_1, ..., C_{l-1}]``, ``C_i`` invertible ``[d_i, d_i]`` (and ``C_0 = I``, ``C_l = I``):
     ``Q_i -> Q_i C_{i-1}^{-1}``, ``K_i -> K_i C_{i-1}^{-1}``, ``V_i -> C_i V_i C_{i-1}^{-1}``.
@@ -372,7 +372,7 @@ def inter_layer_action(weights: Weights, C: Sequence[Tensor]) -> list[tuple[Tens
 
 
 def rescale(weights: Weights, c: Sequence[float]) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """The rescaling symmetry of Eq. (13) on the weights (spec §6.6).
+    """The rescaling symmetry of Eq. (13) on the weights.
 
     ``Q_i -> c_i Q_i`` (so ``Abar_i -> c_i Abar_i``) and ``V_l -> c V_l`` with
     ``c = prod_i c_i^(-3^(l-i))``, i.e. ``c * prod_i c_i^(3^(l-i)) = 1``. Leaves a **lightning** network
@@ -451,7 +451,7 @@ def random_weights(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Gaussian weights, entries ``N(0, 1/d_{i-1})`` (fan-in scaling; spec §8.0), on the CPU."""
+    """Gaussian weights, entries ``N(0, 1/d_{i-1})`` (fan-in scaling), on the CPU."""
     d, a = _check_dims(d, a)
     out = []
     for i in range(len(a)):
@@ -473,7 +473,7 @@ def random_inputs(
     scale: float = 1.0,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """``n`` Gaussian inputs ``[n, d0, t]`` (tokens as columns), entries ``N(0, scale^2 / d0)`` (spec §8.0)."""
+    """``n`` Gaussian inputs ``[n, d0, t]`` (tokens as columns), entries ``N(0, scale^2 / d0)``."""
     n, d0, t = _as_int("n", n), _as_int("d0", d0), _as_int("t", t)
     if min(n, d0, t) < 1:
         raise ValueError(f"n, d0 and t must be positive integers, got n = {n}, d0 = {d0}, t = {t}")
@@ -504,11 +504,11 @@ def _check_quadric(q: Tensor, d: int, atol: float = 1e-12) -> Tensor:
 
 
 def quadric_layer(X: Tensor, v: Tensor, w: Tensor, q: Tensor) -> Tensor:
-    """The cubic map ``f(X)_i = (v^T x_i) w sum_j x_j^T q x_j`` (spec lightning.md §5.1, membership criterion).
+    """The cubic map ``f(X)_i = (v^T x_i) w sum_j x_j^T q x_j`` (membership criterion).
 
     ``X: [..., d, t]`` (tokens as columns), ``v: [d]``, ``w: [d']``, ``q: [d, d]`` symmetric -> ``[..., d', t]``.
     For ``q = u u^T`` this is the boundary point ``phi_{u v^T, w u^T}`` of Theorem 3.4(2); for
-    ``q = (u z^T + z u^T)/2`` it equals ``phi_{u v^T, w z^T}``. By Prop. A.5 / Cor. A.6 (spec §5.1) the map
+    ``q = (u z^T + z u^T)/2`` it equals ``phi_{u v^T, w z^T}``. By Prop. A.5 / Cor. A.6 the map
     lies in the single-layer neuromanifold iff ``q`` is a product of two real linear forms (rank <= 1, or
     rank 2 and indefinite); a definite rank-2 ``q`` gives a point of the Zariski closure outside ``M``.
     """
@@ -528,7 +528,7 @@ def factor_quadric(q: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tensor] | No
 
     ``q: [d, d]`` symmetric. Eigenvalues below ``rtol * max|eigenvalue|`` count as zero. A factorisation exists
     iff ``q`` has rank <= 1, or rank 2 with eigenvalues of opposite signs (the membership criterion of
-    spec lightning.md §5.1): for ``q = l1 e1 e1^T - l2 e2 e2^T`` (``l1, l2 > 0``) take
+    the membership criterion): for ``q = l1 e1 e1^T - l2 e2 e2^T`` (``l1, l2 > 0``) take
     ``u = sqrt(l1) e1 + sqrt(l2) e2``, ``z = sqrt(l1) e1 - sqrt(l2) e2``; for rank 1, ``q = s l e e^T``,
     take ``u = sqrt(l) e``, ``z = s sqrt(l) e``. Then ``quadric_layer(X, v, w, q) == phi_{u v^T, w z^T}(X)``.
     """
@@ -568,7 +568,7 @@ def fit_layer_av(
     tol: float = 1e-14,
     init: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, float]:
-    """Least-squares fit ``min_{A,V} ||phi_{A,V}(X) - Y|| / ||Y||`` by Levenberg–Marquardt (spec §8.3).
+    """Least-squares fit ``min_{A,V} ||phi_{A,V}(X) - Y|| / ||Y||`` by Levenberg–Marquardt.
 
     ``X: [n, d, t]`` inputs (tokens as columns), ``Y: [n, d', t]`` target outputs. Parameters are the free
     ``A: [d, d]`` and ``V: [d', d]`` of :func:`lightning_layer_av` (i.e. ``a >= d``). After every step the pair

@@ -3,7 +3,7 @@
 Every builder returns an ``nn.Sequential``-like module whose *last* child is the final linear layer
 (``classifier``) and whose second-to-last child is the activation that produces the penultimate
 features (``None``-free: a linear network simply has no activation there). That is the layout
-:func:`flagcore.training.capture_features` relies on (spec A.15, E.1.2).
+:func:`flagcore.training.capture_features` relies on.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def mlp(
 
 
 
-# =========================================================================== small image models (spec A.15, E.1.5–E.1.6)
+# =========================================================================== small image models (E.1.5–E.1.6)
 #
 # Tiny stand-ins for the paper's ResNet / ViT-Tiny / MLP-Mixer, sized for CI on one CPU thread. Each is an
 # ``nn.Sequential(backbone, nn.Linear(d, p), activation, nn.Linear(p, classes))``: the backbone maps images
@@ -190,7 +190,7 @@ def small_cnn(
     stem_stride: int = 2,
     generator: torch.Generator | None = None,
 ) -> nn.Sequential:
-    """A small convolutional network: a ResNet stand-in for CI (spec A.15, E.1.5).
+    """A small convolutional network: a ResNet stand-in for CI.
 
     ``len(channels)`` blocks of 3×3 convolution (the first with stride ``stem_stride``), GroupNorm (one
     group: batch-independent, so training and evaluation agree), ``activation`` and 2×2 max-pooling,
@@ -298,7 +298,7 @@ def small_vit(
     mlp_ratio: int = 2,
     generator: torch.Generator | None = None,
 ) -> nn.Sequential:
-    """A tiny Vision Transformer: a ViT-Tiny stand-in for CI (spec A.15, E.1.6).
+    """A tiny Vision Transformer: a ViT-Tiny stand-in for CI.
 
     ``patch × patch`` patches embedded to ``dim``, a class token and learnt position embeddings,
     ``depth`` pre-LayerNorm blocks (``heads``-head self-attention, an MLP of width ``mlp_ratio·dim``
@@ -356,7 +356,7 @@ def mlp_mixer(
     channel_hidden: int = 64,
     generator: torch.Generator | None = None,
 ) -> nn.Sequential:
-    """A tiny MLP-Mixer: an MLP-Mixer-B16 stand-in for CI (spec A.15, E.1.5).
+    """A tiny MLP-Mixer: an MLP-Mixer-B16 stand-in for CI.
 
     ``patch × patch`` patches embedded to ``dim``, ``depth`` blocks of token mixing (an MLP of width
     ``token_hidden`` across patches) and channel mixing (width ``channel_hidden``), each pre-LayerNorm

@@ -1,4 +1,4 @@
-"""Feature-classifier diagnostics of a trained network (flag paper §7.1, App. E.1; spec A.10, A.12, A.15).
+"""Feature-classifier diagnostics of a trained network (flag paper §7.1, App. E.1).
 
 Inputs are plain tensors: the penultimate features ``H [N, p]`` (the activation right before the final
 linear layer), the classifier weight ``W [C, p]``, labels ``y [N]``, and the diagonal of the activation
@@ -6,7 +6,7 @@ metric ``D² [p]`` (:func:`flagcore.alignment.activation_metric`). Getting those
 :mod:`flagcore.training`'s job; nothing here touches an ``nn.Module``.
 
 * :func:`feature_subspace`: the smallest ``r`` capturing a fraction (default 99 %) of the squared singular
-  values of ``H`` (centred or not: the spec leaves centring [UNKNOWN]; both are offered and reported).
+  values of ``H`` (centred or not: the paper leaves centring unspecified; both are offered and reported).
 * :func:`level2_alignment`: ``A = ||Q_Vᵀ Q_W||_F² / r_W`` (fraction of the classifier row space inside
   ``V``) and its z-score against a Haar-random ``r_W``-subspace, with the analytic null
   :func:`haar_level2_null` (mean ``r/p``; variance ``2 r r_W (p−r)(p−r_W) / (p²(p−1)(p+2) r_W²)``).
@@ -77,7 +77,7 @@ class FeatureSubspace:
 
 
 def feature_subspace(H: Tensor, *, variance: float = 0.99, centered: bool = True) -> FeatureSubspace:
-    """The feature subspace of spec A.15 item 2: the smallest ``r`` with ``Σ_{i<=r} s_i² / Σ s_i² >= variance``.
+    """The feature subspace of Appendix E.1: the smallest ``r`` with ``Σ_{i<=r} s_i² / Σ s_i² >= variance``.
 
     ``centered=True`` subtracts the feature mean first (PCA, "variance" in the literal sense);
     ``centered=False`` uses the raw second moment (then ``V`` contains the mean direction).
@@ -105,8 +105,7 @@ def feature_subspace(H: Tensor, *, variance: float = 0.99, centered: bool = True
 def haar_level2_null(p: int, r: int, r_W: int) -> tuple[float, float]:
     """Mean and standard deviation of ``||Q_Vᵀ Q_W||_F² / r_W`` for ``Q_W`` a Haar-random ``r_W``-frame.
 
-    ``E = r/p`` and ``Var = 2 r r_W (p − r)(p − r_W) / (p² (p − 1)(p + 2) r_W²)`` (spec A.15 item 9;
-    RECONSTRUCTED: checked against Monte Carlo in the tests and in the notebook).
+    ``E = r/p`` and ``Var = 2 r r_W (p − r)(p − r_W) / (p² (p − 1)(p + 2) r_W²)`` (RECONSTRUCTED: checked against Monte Carlo in the tests and in the notebook).
     """
     p, r, r_W = _as_int("p", p), _as_int("r", r), _as_int("r_W", r_W)
     if p < 2 or not (1 <= r <= p) or not (1 <= r_W <= p):
@@ -166,7 +165,7 @@ def haar_abs_inner_mean(p: int) -> float:
 
 @dataclass(frozen=True)
 class Level3Score:
-    """The Level-3 score and whether it is defined (spec A.15 items 7–8)."""
+    """The Level-3 score and whether it is defined."""
 
     score: float  # (1/m) Σ |<u_i, v_i>|, NaN when degenerate
     haar_mean: float
@@ -189,7 +188,7 @@ def _relative_gap(s: Tensor, m: int) -> float:
 def level3_score(H: Tensor, W: Tensor, *, m: int | None = None, gap_threshold: float = 1e-2, centered: bool = True) -> Level3Score:
     """``S₃ = (1/m) Σ_{i<=m} |⟨u_i, v_i⟩|`` with ``u_i`` the right singular vectors of ``H`` and ``v_i`` those of ``W``.
 
-    ``m = min(r_H, rank W)`` unless given. The rule of spec A.15 item 8: if the feature spectrum has a
+    ``m = min(r_H, rank W)`` unless given. The rule of Appendix E.1 (as reconstructed): if the feature spectrum has a
     relative gap below ``gap_threshold`` among its top ``m`` values (``τ_gap`` is [UNKNOWN] in the paper;
     default 1e-2), the directions are not determined (e.g. exact neural collapse has ``C − 1`` equal
     singular values) and the score is NaN with ``degenerate=True``.
@@ -285,7 +284,7 @@ def neural_collapse_metrics(H: Tensor, y: Tensor, W: Tensor, logits: Tensor | No
 
 @dataclass(frozen=True)
 class E1Diagnostics:
-    """Everything App. E.1 measures on one model (spec A.15 items 2–10)."""
+    """Everything App. E.1 measures on one model."""
 
     subspace: FeatureSubspace
     level2: Level2Alignment
@@ -319,12 +318,12 @@ def e1_diagnostics(
     W = _check_classifier(W, p)
     if D2.ndim != 1 or D2.shape[0] != p:
         raise ValueError(f"D2 must be the diagonal [p] with p = {p} (the feature width), got {tuple(D2.shape)}: "
-                         "the activation hook and the classifier hook are on different layers (spec E.1.2)")
+                         "the activation hook and the classifier hook are on different layers")
     fs = feature_subspace(H, variance=variance, centered=centered)
     tol = 1e-10 if fs.Q_V.dtype == torch.float64 else 1e-5
     err = float((fs.Q_V.mT @ fs.Q_V - torch.eye(fs.r, dtype=fs.Q_V.dtype, device=fs.Q_V.device)).abs().max())
     if err > tol:
-        raise ValueError(f"Q_V is not orthonormal: max |Q_VᵀQ_V − I| = {err:.1e} > {tol:.0e} (spec E.1.2)")
+        raise ValueError(f"Q_V is not orthonormal: max |Q_VᵀQ_V − I| = {err:.1e} > {tol:.0e}")
     comm = float(commutator_norm(D2, Q_V=fs.Q_V))
     _, delta = conformal_split(D2)
     aniso = float(delta.norm())

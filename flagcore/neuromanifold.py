@@ -2,13 +2,13 @@
 
 * :func:`expected_dimension` evaluates Eq. (7) (one lightning layer), Theorem 3.9 (one softmax layer),
   Eq. (14) (deep lightning, Corollary 3.8) and Eq. (16) (deep softmax, Conjecture 3.10), and refuses
-  configurations outside the hypotheses (spec lightning.md §4.2, §6.8, §7.3).
+  configurations outside the hypotheses (see the book's lightning appendix).
 * :func:`jacobian_rank` is generic: the numerical rank of ``params -> f(params, inputs)`` for ANY
   parametrisation ``f``, with forward-mode autodiff (``torch.func.jvp``, vmapped over tangent
   directions), row-normalised Jacobian, an explicit relative tolerance and the singular-value gap at
   the cut, so that a reader can see whether the rank is unambiguous.
 * :func:`estimate_dimension` applies it to the attention networks of :mod:`flagcore.lightning` at a
-  random parameter on random inputs ("stochastic finite elements", spec §7.4 and §8.0), with the
+  random parameter on random inputs ("stochastic finite elements" and §8.0), with the
   attention networks' Jacobian propagated in closed form (:func:`attention_jacobian`, checked against
   the generic :func:`jacobian_forward` in the tests) and a **saturation certificate**: the rank is
   recomputed without the last few inputs, and must not change.
@@ -21,7 +21,7 @@ every input; a generic new input then removes ``v``, and the rank grows. Hence, 
 all inputs, i.e. the dimension. With too few inputs, the rank still grows from ``N - h`` to ``N``, and
 the estimate reports ``saturated = False`` (not certified) instead of silently returning a low rank.
 
-Why this recipe (spec §9): the authors' public code loops over the ``N t d_l`` outputs with one
+Why this recipe: the authors' public code loops over the ``N t d_l`` outputs with one
 backward pass each, in float32, and uses ``matrix_rank``'s default tolerance ``max(m, n) eps_32``;
 that tolerance (about 1e-3 at Figure 3 size) is above the true smallest singular values (about 1e-4
 relative), which makes it under-estimate at large widths. Here: float64, forward mode (parameters are
@@ -58,7 +58,7 @@ __all__ = [
 #: outputs are badly scaled; 1e-9 would cut those).
 DEFAULT_RTOL = 1e-11
 
-#: A gap sigma_r / sigma_{r+1} below this makes an estimate inconclusive (spec §8.0).
+#: A gap sigma_r / sigma_{r+1} below this makes an estimate inconclusive.
 CONCLUSIVE_GAP = 1e3
 
 
@@ -126,7 +126,7 @@ class DimensionEstimate:
         rank: number of singular values ``> rtol * sigma_max`` of the row-normalised Jacobian.
         singular_values: all singular values, descending (float64, CPU).
         gap: ``sigma_rank / sigma_{rank+1}`` (``inf`` when no singular value was cut, or the next one is
-            exactly 0). A gap of 1e3 or more is read as an unambiguous rank (spec §8.0).
+            exactly 0). A gap of 1e3 or more is read as an unambiguous rank.
         n_params: number of parameters (columns of the Jacobian).
         n_outputs: number of output coordinates (rows).
         rtol: the relative tolerance used.
@@ -390,7 +390,7 @@ def estimate_dimension(
 
     Draws weights with entries ``N(0, 1/d_{i-1})``, then inputs ``[d_0, tokens]`` with entries
     ``N(0, s^2/d_0)`` (``s = input_scale``, default 1 for lightning and 3 for softmax so that the logits
-    are O(1); spec §8.0), all in float64 from ``torch.Generator().manual_seed(seed)`` on the CPU, and
+    are O(1)), all in float64 from ``torch.Generator().manual_seed(seed)`` on the CPU, and
     ranks the row-normalised Jacobian of ``theta -> (phi_theta(X^(n)))_n`` (:func:`attention_jacobian`,
     float64 SVD, relative tolerance ``rtol``, gap at the cut) as :func:`jacobian_rank` does.
 

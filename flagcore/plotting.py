@@ -9,7 +9,12 @@ from __future__ import annotations
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 
-__all__ = ["LEVEL_COLORS", "PALETTE", "finish", "use_book_style"]
+__all__ = ["LEVEL_COLORS", "MIN_FONT_PT", "PALETTE", "finish", "use_book_style"]
+
+#: The smallest text the book style draws (legend, tick labels). The book's page check requires it to be
+#: at least 9 pt as displayed, so a figure must not be wider than the text column can show at full size
+#: (about 6.9 in at a 1280-px window; figures are 6.5 in wide); notebooks never set a smaller ``fontsize``.
+MIN_FONT_PT = 9.0
 
 #: Colour-blind-safe palette (Okabe & Ito 2008), used in this order.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -22,7 +27,7 @@ def use_book_style() -> None:
     """Apply the book's figure style (sizes for a page column, high-dpi PNGs, the palette)."""
     mpl.rcParams.update(
         {
-            "figure.figsize": (7.0, 3.6),
+            "figure.figsize": (6.5, 3.4),
             "figure.dpi": 110,
             "savefig.dpi": 150,
             "figure.constrained_layout.use": True,

@@ -1,6 +1,6 @@
 """A small causal character-level Transformer trained from scratch on real text that ships offline.
 
-Purpose: the dynamic form of Conjecture 6.2 of the flag paper (spec A.14), which the paper leaves open
+Purpose: the dynamic form of Conjecture 6.2 of the flag paper, which the paper leaves open
 for lack of training checkpoints: does the head-overlap score ``R`` of the query heads rise during
 training, and faster with weight decay? This module provides the pieces, all pure (no printing):
 

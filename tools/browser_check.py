@@ -5,7 +5,7 @@
 Serves the built HTML on localhost (``http.server`` in a thread) and drives Debian's ``chromium`` through
 the DevTools protocol over a pipe (``--remote-debugging-pipe``: no websocket library, no npm package). For
 each page (default: the index, one page of each paper's part, the fork template, the results and
-performance pages when built; ``--all``: every page of _toc.yml) it asserts:
+performance pages when built; ``--all``, as ``make book`` runs it: every built page) it asserts:
 
 * **equations rendered**: MathJax produced ``mjx-container`` elements for every ``.math`` element, and no raw
   TeX delimiters (``$$``, ``\\(``, ``\\[``) are left in the page's text (code and outputs excluded);
@@ -14,7 +14,13 @@ performance pages when built; ``--all``: every page of _toc.yml) it asserts:
 * **no error output cells** (``.output.error``, ``.output.traceback``, or a stderr block with a Python traceback);
 * **no console errors** (console.error, uncaught exceptions, failed requests, browser log errors);
 * **launch buttons** on notebook pages: a Colab link to the page's own ``.ipynb`` in the repository, and that
-  ``.ipynb`` exists in the working tree (the paired, output-free twin).
+  ``.ipynb`` exists in the working tree (the paired, output-free twin); no Binder button (Binder cannot build
+  this book's environment);
+* **what a reader sees** (:func:`reader_problems`): no literal ``$`` in the text outside code and math, no TeX
+  printed in a text output, no raw Markdown table, no cross-reference without a number or title, no reference
+  to our unpublished notes, no object repr, no page wider than the 1280-px viewport, every figure inside a
+  ``<figure>`` with a numbered caption, and its smallest text (the book style's ``MIN_FONT_PT``) at least 9 pt
+  as displayed, from the PNG's dpi and its displayed width.
 
 A PNG screenshot of each page goes to ``--out`` (CI artefacts), with ``report.json``. Exit status 1 if any
 check fails. Chromium: ``$CHROMIUM`` or /usr/bin/chromium (Debian package ``chromium``).
@@ -31,6 +37,7 @@ import os
 import re
 import shutil
 import subprocess
+import struct
 import sys
 import tempfile
 import threading
@@ -41,6 +48,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toc import toc_files, toc_root  # noqa: E402  (tools/toc.py)
+
+sys.path.insert(0, str(ROOT))
+from flagcore.plotting import MIN_FONT_PT  # noqa: E402  (the smallest text the book's figure style draws)
+
+READABLE_PT = 9.0  # the smallest text a reader should meet, as displayed (CSS points)
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -87,6 +99,33 @@ PAGE_CHECK_JS = r"""
     const at = text.indexOf(pattern);
     if (at >= 0) raw.push(pattern + " … " + text.slice(Math.max(0, at - 40), at + 40).replace(/\s+/g, " "));
   }
+  // The reader's prose: everything in the article except code, math and scripts (outputs included:
+  // a Markdown table that reached an output as text is as broken as one in the prose).
+  const article = document.querySelector("article") || main;
+  const prose = article.cloneNode(true);
+  prose.querySelectorAll("pre, code, .highlight, mjx-container, .math, script, style, .headerlink").forEach(e => e.remove());
+  const proseText = prose.textContent;
+  const around = (t, at) => t.slice(Math.max(0, at - 50), at + 50).replace(/\s+/g, " ");
+  const hits = (t, re) => { const out = []; let m; const g = new RegExp(re.source, re.flags.includes("g") ? re.flags : re.flags + "g");
+    while ((m = g.exec(t)) && out.length < 5) out.push(around(t, m.index)); return out; };
+  const dollars = hits(proseText, /\$/);
+  const outputTex = [...article.querySelectorAll(".cell_output pre, .output pre")].flatMap(e => hits(e.textContent, /\$[^$\s][^$\n]*\$/));
+  // A Markdown table that was not parsed shows its separator row as text ("|---|", "|—|" after smart quotes).
+  const mdTables = hits(proseText, /\|\s*:?[-\u2012-\u2015]+:?\s*\|/);
+  const kinds = "Theorem|Lemma|Corollary|Proposition|Definition|Conjecture|Remark|Example|Assumption|Algorithm|Property|Observation|Figure|Fig\\.|Table|Equation|Eq\\.|Section";
+  const bare = new RegExp("^\\(?(" + kinds + ")\\s*\\)?$");
+  const numberless = [...article.querySelectorAll("a.reference.internal")].map(a => a.textContent.trim()).filter(t => bare.test(t))
+      .concat(hits(proseText, new RegExp("\\b(" + kinds + ")\\s+[).,;:\\]]")));
+  // Our internal working notes are not part of the book: no page may send a reader to them (code included).
+  const fullText = article.textContent;
+  const unpublished = hits(fullText, /\bspec\b|checks_\w+\.py|seed copy|\bextraction\b|lightning\.md|flag_and_collapse|offline\.md|shared\/(spec|papers)|\bour (working )?notes\b/i);
+  const reprs = hits(fullText, /<[\w.]+( object)? at 0x[0-9a-f]+>|<function [\w.]+ at 0x/);
+  const figures = [...article.querySelectorAll("img")].filter(img => !img.closest(".navbar-brand, .logo, header, nav")).map(img => {
+    const fig = img.closest("figure");
+    const cap = fig ? fig.querySelector("figcaption") : null;
+    return { src: img.getAttribute("src"), natural: img.naturalWidth, shown: img.getBoundingClientRect().width,
+             captioned: !!cap && cap.textContent.trim().length > 0, numbered: !!(cap && cap.querySelector(".caption-number")) };
+  });
   const stderr = [...document.querySelectorAll(".output.stderr, .stderr")].map(e => e.textContent);
   const launch = [...document.querySelectorAll("a[href]")].map(a => a.href).filter(h => /colab\.research\.google\.com|mybinder\.org/.test(h));
   return {
@@ -105,6 +144,10 @@ PAGE_CHECK_JS = r"""
     stderr_blocks: stderr.length,
     launch_links: launch,
     height: Math.max(document.body.scrollHeight, document.documentElement.scrollHeight),
+    page_width: document.documentElement.scrollWidth,
+    viewport_width: window.innerWidth,
+    dollars: dollars, output_tex: outputTex, md_tables: mdTables, numberless_refs: numberless,
+    unpublished: unpublished, reprs: reprs, figures: figures,
   };
 })()
 """
@@ -232,7 +275,7 @@ def _console_errors(events: list[dict], session: str) -> list[str]:
     return errors
 
 
-def check_page(browser: Chromium, base_url: str, page: str, out: Path, repo: Path = ROOT) -> dict:
+def check_page(browser: Chromium, base_url: str, page: str, out: Path, repo: Path = ROOT, html: Path | None = None) -> dict:
     """Load one page, run the checks, save its screenshot; returns the page's record with ``problems``."""
     target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -259,9 +302,11 @@ def check_page(browser: Chromium, base_url: str, page: str, out: Path, repo: Pat
     record = dict(result["result"]["value"], page=page, seconds=0.0)
     browser.send("Runtime.evaluate", {"expression": "0"}, session=session)  # flush pending console events
     height = min(int(record["height"]), 6000)
+    # A viewport as tall as the shot: capturing beyond a 900-px viewport lays wide pages out differently.
+    browser.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
     shot = browser.send(
         "Page.captureScreenshot",
-        {"format": "png", "captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}},
+        {"format": "png", "clip": {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}},
         session=session,
     )
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", page.removesuffix(".html")) + ".png"
@@ -296,15 +341,71 @@ def check_page(browser: Chromium, base_url: str, page: str, out: Path, repo: Pat
             problems.append(f"the Colab button does not open {want}: {colab}")
         elif not (repo / want).is_file():
             problems.append(f"the Colab button opens {want}, which is not in the repository")
-        if not any("mybinder.org" in h for h in record["launch_links"]):
-            problems.append("no Binder launch button")
+    if any("mybinder.org" in h for h in record["launch_links"]):
+        problems.append("a Binder launch button (Binder cannot build this book's environment)")
+    problems += reader_problems(record, page, html)
     record["problems"] = problems
     return record
+
+
+def png_dpi(path: Path) -> float | None:
+    """Horizontal resolution from a PNG's pHYs chunk (matplotlib writes the figure's dpi there)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    at = data.find(b"pHYs")
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or at < 0:
+        return None
+    per_unit, unit = struct.unpack(">I", data[at + 4 : at + 8])[0], data[at + 12]
+    return per_unit * 0.0254 if unit == 1 and per_unit else None
+
+
+def reader_problems(record: dict, page: str, html: Path | None) -> list[str]:
+    """What a reader would see as broken: the page-check rules of issue 12 (each has a negative control
+    in tests/test_browser.py)."""
+    problems = []
+    if record["dollars"]:
+        problems.append(f"literal $ in the text: {record['dollars']}")
+    if record["output_tex"]:
+        problems.append(f"TeX printed as text in an output: {record['output_tex']}")
+    if record["md_tables"]:
+        problems.append(f"raw Markdown table in the text: {record['md_tables']}")
+    if record["numberless_refs"]:
+        problems.append(f"cross-reference without a number or title: {record['numberless_refs']}")
+    if record["unpublished"]:
+        problems.append(f"reference to unpublished material: {record['unpublished']}")
+    if record["reprs"]:
+        problems.append(f"object repr in the page: {record['reprs']}")
+    if record["page_width"] > record["viewport_width"] + 1:
+        problems.append(f"page wider than its viewport: {record['page_width']} px > {record['viewport_width']} px")
+    for fig in record["figures"]:
+        if not (fig["captioned"] and fig["numbered"]):
+            problems.append(f"figure without a numbered caption: {fig['src']}")
+        if fig["natural"] and fig["shown"] and html is not None and fig["src"] and not fig["src"].startswith(("http:", "https:", "data:")):
+            dpi = png_dpi((html / page).parent / fig["src"]) or 96.0
+            # Text of size s pt in a figure saved at `dpi` is s*dpi/72 image pixels; shown at shown/natural
+            # of its pixel size it is s*(dpi/96)*(shown/natural) CSS points.
+            smallest = MIN_FONT_PT * dpi / 96.0 * fig["shown"] / fig["natural"]
+            if smallest < READABLE_PT - 1e-9:
+                problems.append(f"figure text {smallest:.1f} pt as displayed (< {READABLE_PT} pt): {fig['src']}")
+    return problems
 
 
 def toc_pages(root: Path = ROOT) -> list[str]:
     toc = root / "_toc.yml"
     return ["index.html"] + [f + ".html" for f in [toc_root(toc), *toc_files(toc)]]
+
+
+SKIP_DIRS = ("_static", "_sources", "_images", "mathjax", "_downloads")
+
+
+def built_pages(html: Path) -> list[str]:
+    """Every HTML page of the build (the index first), relative to ``html``."""
+    pages = sorted(
+        str(p.relative_to(html)) for p in html.rglob("*.html") if not p.relative_to(html).parts[0] in SKIP_DIRS
+    )
+    return ["index.html"] + [p for p in pages if p != "index.html"]
 
 
 def run(html: Path, pages: list[str], out: Path, chromium: str, repo: Path = ROOT) -> list[dict]:
@@ -314,7 +415,7 @@ def run(html: Path, pages: list[str], out: Path, chromium: str, repo: Path = ROO
     browser = Chromium(chromium, profile)
     try:
         browser.send("Target.setDiscoverTargets", {"discover": False})
-        return [check_page(browser, base_url, page, out, repo) for page in pages]
+        return [check_page(browser, base_url, page, out, repo, html) for page in pages]
     finally:
         browser.close()
         server.shutdown()
@@ -326,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pages", nargs="*", help="pages relative to --html (default: index, one page per part, fork, results, performance)")
     parser.add_argument("--html", type=Path, default=ROOT / "_build" / "html")
     parser.add_argument("--out", type=Path, default=ROOT / "_build" / "screenshots")
-    parser.add_argument("--all", action="store_true", help="every page of _toc.yml")
+    parser.add_argument("--all", action="store_true", help="every built page (every .html of the build; each _toc.yml page must be among them)")
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     args = parser.parse_args(argv)
     if not (args.html / "index.html").is_file():
@@ -335,7 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which(args.chromium):
         print(f"Chromium not found at {args.chromium}: apt-get install chromium (or set $CHROMIUM)", file=sys.stderr)
         return 2
-    pages = args.pages or (toc_pages() if args.all else [p for p in DEFAULT_PAGES if (args.html / p).is_file() or not p.startswith("book/")])
+    if args.all:
+        pages = built_pages(args.html)
+        missing = sorted(set(toc_pages()) - set(pages))
+        if missing:
+            print(f"pages of _toc.yml missing from the build: {missing}", file=sys.stderr)
+            return 1
+    else:
+        pages = args.pages or [p for p in DEFAULT_PAGES if (args.html / p).is_file() or not p.startswith("book/")]
     start = time.perf_counter()
     records = run(args.html, pages, args.out, args.chromium)
     failed = [r for r in records if r["problems"]]

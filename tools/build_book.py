@@ -121,14 +121,28 @@ def _first_error(notebook_path: Path) -> str:
     return "(no error cell found; see the log above)"
 
 
+#: A kernel that never started (jupyter_client picks free ports, then the kernel binds them: two kernels
+#: started at once can race for the same port) is retried; a notebook that ran and failed never is.
+KERNEL_START_FAILURES = ("Address already in use", "Kernel didn't respond", "Kernel died before replying to kernel_info")
+KERNEL_START_TRIES = 3
+
+
 def execute_one(path: Path, parameters: dict[str, object], jobs: int) -> dict[str, object]:
     log = path.with_suffix(".log")
     cmd = [sys.executable, "-m", "papermill", str(path), str(path), "-k", "python3", "--cwd", str(path.parent), "--no-progress-bar"]
     for name, value in parameters.items():
         cmd += ["-p", name, str(value)]
     start = time.perf_counter()
-    with log.open("w") as handle:
-        result = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=_kernel_env(jobs), check=False)
+    source = path.read_bytes()
+    for attempt in range(1, KERNEL_START_TRIES + 1):
+        with log.open("w") as handle:
+            result = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=_kernel_env(jobs), check=False)
+        text = log.read_text(errors="replace")
+        started = "Executing notebook with kernel" in text and not any(m in text for m in KERNEL_START_FAILURES)
+        if result.returncode == 0 or started or attempt == KERNEL_START_TRIES:
+            break
+        print(f"  retry   {path.relative_to(STAGE).with_suffix('')}: its kernel did not start (attempt {attempt})", flush=True)
+        path.write_bytes(source)  # papermill may have written a partial output over the input
     seconds = time.perf_counter() - start
     record: dict[str, object] = {
         "notebook": str(path.relative_to(STAGE).with_suffix("")),

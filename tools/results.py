@@ -25,6 +25,7 @@ import argparse
 import ast
 import collections
 import datetime as dt
+import html
 import json
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from flagcore.report import MIME_TYPE, PAPERS, STATUSES, Result  # noqa: E402
+from flagcore.report import MIME_TYPE, PAPERS, STATUSES, Result, chip, html_text, notes_html, ours_html, reference_html, table_html  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toc import toc_files  # noqa: E402  (tools/toc.py)
@@ -149,10 +150,6 @@ def collect(stage: Path = STAGE) -> list[dict[str, object]]:
     return [read_notebook(found[n], n) for n in names]
 
 
-def _cell(text: object) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
 def _date(iso: str | None) -> str:
     if not iso:
         return ""
@@ -162,101 +159,191 @@ def _date(iso: str | None) -> str:
         return iso
 
 
-def _run_label(record: dict[str, object]) -> str:
-    """Short run description for the main table: the scale, then any injected parameter."""
+def _scale(record: dict[str, object]) -> str:
+    """The scale a notebook ran at: ``fast=...`` and any other injected parameter."""
     params = record["parameters"]
-    parts = []
-    if "fast" in params:
-        parts.append(f"`fast={params['fast']}`")
-    parts += [f"`{k}={v}`" for k, v in record["injected"].items() if k != "fast"]
+    parts = [f"fast={params['fast']}"] if "fast" in params else []
+    parts += [f"{k}={v}" for k, v in record["injected"].items() if k != "fast"]
     return " ".join(parts) or "defaults"
 
 
-def _link(name: str) -> str:
-    return f"{{doc}}`{name.rsplit('/', 1)[-1]} </{name}>`"
+def _href(name: str, page_dir: str) -> str:
+    """Relative link from a page in ``page_dir`` (e.g. ``book``) to a built page ``name``."""
+    up = "../" * (page_dir.count("/") + 1 if page_dir else 0)
+    return f"{up}{name}.html"
 
 
-def counts(records: list[dict[str, object]]) -> dict[str, dict[str, int]]:
-    by_status = collections.Counter(row["status"] for r in records for row in r["rows"])
-    by_paper = collections.Counter(row["paper"] for r in records for row in r["rows"])
+def _nb_link(name: str, page_dir: str) -> str:
+    return f'<a href="{_href(name, page_dir)}">{html.escape(name.rsplit("/", 1)[-1])}</a>'
+
+
+def counts(records: list[dict[str, object]]) -> dict[str, dict]:
+    """Counts by status, by paper, and by paper and status (statuses in dashboard order)."""
+    rows = [row for r in records for row in r["rows"]]
+    by_status = collections.Counter(row["status"] for row in rows)
+    by_paper = collections.Counter(row["paper"] for row in rows)
+    both = collections.Counter((row["paper"], row["status"]) for row in rows)
     return {
         "status": {s: by_status[s] for s in STATUSES if by_status[s]},
         "paper": {p: by_paper[p] for p in PAPERS if by_paper[p]},
+        "paper_status": {p: {s: both[p, s] for s in STATUSES if both[p, s]} for p in PAPERS if by_paper[p]},
     }
 
 
-def render(records: list[dict[str, object]]) -> str:
-    """The Markdown that replaces the marker: summary, legend, one table per paper, the runs."""
+def count_strip(tally: dict[str, int]) -> str:
+    return " ".join(chip(s, n) for s, n in tally.items())
+
+
+def _shared_scale(records: list[dict[str, object]]) -> str | None:
+    """The one scale every executed notebook ran at, or None when they differ."""
+    scales = {_scale(r) for r in records if r["executed"]}
+    return scales.pop() if len(scales) == 1 else None
+
+
+def _row_cells(record: dict[str, object], row: dict, page_dir: str, shared: str | None) -> list[str]:
+    r = Result.from_dict(row)
+    where = _nb_link(record["notebook"], page_dir)
+    if shared is None:
+        where += f'<br><span style="font-size:0.85em;opacity:0.8">{html.escape(_scale(record))}</span>'
+    return [html_text(r.ref), html_text(r.claim), chip(r.status), ours_html(r), reference_html(r), notes_html(r), where]
+
+
+HEADER = ["result", "claim", "status", "ours", "reference", "why / notes", "notebook"]
+WIDTHS = [0.10, 0.15, 0.08, 0.19, 0.15, 0.22, 0.11]  # fixed layout: the table never outgrows the window
+
+
+def render(records: list[dict[str, object]], page_dir: str = "book") -> str:
+    """The MyST (headings + raw HTML blocks) that replaces the dashboard's marker."""
     rows = [(r, row) for r in records for row in r["rows"]]
     tally = counts(records)
     executed = [r for r in records if r["executed"]]
     dates = sorted(_date(r["date"]) for r in executed)
-    lines = [
-        f"**{len(rows)} results** from {len(executed)} executed notebooks"
-        + (f" (run {dates[0]} to {dates[-1]})" if dates else "")
-        + ": "
-        + ", ".join(f"{n} {s}" for s, n in tally["status"].items())
-        + ".",
-        "",
-    ]
+    shared = _shared_scale(records)
+    out = ['<div class="fg-dashboard">']
+    summary = f"<p><b>{len(rows)} results</b> from {len(executed)} executed notebooks"
+    if dates:
+        summary += f" (run {html.escape(dates[0])} to {html.escape(dates[-1])})"
+    if shared is not None:
+        scale = "the CI scale on two CPU cores" if shared == "fast=True" else "the paper scale" if shared == "fast=False" else ""
+        summary += f"; every notebook ran with <code>{html.escape(shared)}</code>" + (f" ({scale})" if scale else "")
+    out.append(summary + ".</p>")
+    strip = ['<table class="fg-strip" style="border-collapse:collapse;margin-bottom:1em"><tbody>']
+    for paper, by_status in tally["paper_status"].items():
+        strip.append(
+            f'<tr><td style="padding:0.2em 0.8em 0.2em 0"><a href="{_href("book/papers/" + paper, page_dir)}">'
+            f"{html.escape(PAPER_TITLES[paper])}</a></td><td style=\"padding:0.2em 0.8em 0.2em 0\">{tally['paper'][paper]}</td>"
+            f'<td style="padding:0.2em 0">{count_strip(by_status)}</td></tr>'
+        )
+    strip.append(f'<tr><td style="padding:0.2em 0.8em 0.2em 0"><b>all papers</b></td><td><b>{len(rows)}</b></td><td>{count_strip(tally["status"])}</td></tr>')
+    strip.append("</tbody></table>")
+    out.append("".join(strip))
+    legend = "".join(f"<li>{chip(s)} {html.escape(text)}</li>" for s, text in STATUSES.items())
+    out.append(f'<details><summary>What the statuses mean</summary><ul style="list-style:none;padding-left:0">{legend}</ul></details>')
+    out.append("</div>")
     not_run = [r["notebook"] for r in records if not r["executed"]]
     if not_run:
-        lines += [
-            "```{warning}",
-            f"{len(not_run)} notebook(s) were not executed in this build, so their results are missing below: "
-            + ", ".join(_link(n) for n in not_run)
-            + ".",
-            "```",
-            "",
-        ]
+        out += ["", "```{warning}", f"{len(not_run)} notebook(s) were not executed in this build, so their results are missing below: "
+                + ", ".join(f"{{doc}}`/{n}`" for n in not_run) + ".", "```"]
     silent = [r["notebook"] for r in records if not r["executed"] and not r.get("reports", True)]
     if silent:
-        lines += ["```{error}", "These notebooks do not end with a results cell: " + ", ".join(_link(n) for n in silent) + ".", "```", ""]
-    lines += ["Status legend:", ""]
-    lines += [f"- **{s}**: {text}." for s, text in STATUSES.items()]
-    lines.append("")
+        out += ["", "```{error}", "These notebooks do not end with a results cell: " + ", ".join(f"{{doc}}`/{n}`" for n in silent) + ".", "```"]
+    differs = [(r, row) for r, row in rows if row["status"] == "differs"]
+    if differs:
+        out += ["", "## Where our numbers differ from the papers'", ""]
+        out.append(
+            '<div class="fg-dashboard-table">'
+            + table_html(
+                ["paper"] + HEADER,
+                [[html.escape(PAPER_TITLES[row["paper"]].split(" (")[0])] + _row_cells(r, row, page_dir, shared) for r, row in differs],
+                cls="fg-results fg-differs",
+                widths=[0.08] + WIDTHS,
+            )
+            + "</div>"
+        )
     for paper in PAPERS:
         paper_rows = [(r, row) for r, row in rows if row["paper"] == paper]
         if not paper_rows:
             continue
-        lines += [
-            f"## {PAPER_TITLES[paper]}",
-            "",
-            "| result | claim | status | ours | paper's | notebook | run | note |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for record, row in paper_rows:
-            lines.append(
-                f"| {_cell(row['ref'])} | {_cell(row['claim'])} | **{row['status']}** | {_cell(row['ours'])} | "
-                f"{_cell(row['theirs'])} | {_link(record['notebook'])} | {_run_label(record)} | {_cell(row['note'])} |"
-            )
-        lines.append("")
-    lines += [
+        out += ["", f"## {PAPER_TITLES[paper]}", ""]
+        out.append(f"<p>{count_strip(tally['paper_status'][paper])}</p>")
+        out.append(
+            '<div class="fg-dashboard-table">'
+            + table_html(HEADER, [_row_cells(r, row, page_dir, shared) for r, row in paper_rows], cls="fg-results", widths=WIDTHS)
+            + "</div>"
+        )
+    runs = []
+    for record in records:
+        params = ", ".join(f"{k}={v!r}" for k, v in record["parameters"].items())
+        finished = _date(record["date"]) if record["executed"] else "not executed"
+        runs.append([_nb_link(record["notebook"], page_dir), html.escape(finished), f"<code>{html.escape(params)}</code>"])
+    out += [
+        "",
         "## The runs",
         "",
-        "Each notebook's run: when papermill finished it, and every parameter it ran with "
-        "(its `parameters` cell, with any value papermill injected).",
-        "",
-        "| notebook | finished | parameters |",
-        "|---|---|---|",
+        "<p>When papermill finished each notebook, and every parameter it ran with (its parameters cell, "
+        "with any value papermill injected).</p>",
+        "<details><summary>" + f"{len(runs)} runs (click to open)</summary>"
+        + table_html(["notebook", "finished", "parameters"], runs, cls="fg-runs")
+        + "</details>",
     ]
-    for record in records:
-        params = ", ".join(f"`{k}={v!r}`" for k, v in record["parameters"].items())
-        finished = _date(record["date"]) if record["executed"] else "not executed"
-        lines.append(f"| {_link(record['notebook'])} | {finished} | {_cell(params)} |")
-    return "\n".join(lines)
+    return "\n".join(out)
 
 
-def write(stage: Path = STAGE, build: Path = BUILD, source_page: Path | None = None) -> list[dict[str, object]]:
-    """Collect the staged notebooks' results, fill the staged results page and write results.json."""
-    records = collect(stage)
-    source_page = source_page or ROOT / PAGE
-    text = source_page.read_text()  # always from the source, so that a re-run starts from the marker
-    if MARKER not in text:
-        raise ResultsError(f"{source_page} lost its marker {MARKER!r}")
-    target = stage / PAGE
+def render_paper_summary(records: list[dict[str, object]], paper: str, page_dir: str = "book/papers") -> str:
+    """For a paper's landing page: its count strip and its rows (differs first), from this build."""
+    rows = [(r, row) for r in records for row in r["rows"] if row["paper"] == paper]
+    if not rows:
+        return "<p>No results of this paper were recorded in this build.</p>"
+    order = {s: i for i, s in enumerate(STATUSES)}
+    rows.sort(key=lambda item: order[item[1]["status"]])
+    tally = counts(records)["paper_status"][paper]
+    shared = _shared_scale(records)
+    return "\n".join(
+        [
+            f'<div class="fg-dashboard"><p><b>{len(rows)} results</b> of this paper checked in this build: {count_strip(tally)}</p></div>',
+            '<div class="fg-dashboard-table">'
+            + table_html(HEADER, [_row_cells(r, row, page_dir, shared) for r, row in rows], cls="fg-results", widths=WIDTHS)
+            + "</div>",
+        ]
+    )
+
+
+def render_status_counts(records: list[dict[str, object]], page_dir: str = "book") -> str:
+    """For the introduction: the counts by status, linked to the dashboard."""
+    tally = counts(records)
+    total = sum(tally["status"].values())
+    return (
+        f'<p class="fg-dashboard"><a href="{_href("book/results", page_dir)}"><b>{total} results</b> on the dashboard</a>: '
+        f"{count_strip(tally['status'])}</p>"
+    )
+
+
+STATUS_MARKER = "<!-- status-counts -->"  # book/intro.md: the counts by status, linked to the dashboard
+PAPER_MARKER = "<!-- paper-summary -->"  # book/papers/<paper>.md: that paper's counts and rows
+
+
+def _fill(source: Path, target: Path, marker: str, text: str) -> None:
+    page = source.read_text()  # always from the source, so that a re-run starts from the marker
+    if marker not in page:
+        raise ResultsError(f"{source} lost its marker {marker!r}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text.replace(MARKER, render(records)))
+    target.write_text(page.replace(marker, text))
+
+
+def write(
+    stage: Path = STAGE, build: Path = BUILD, source_page: Path | None = None, source_root: Path | None = None
+) -> list[dict[str, object]]:
+    """Collect the staged notebooks' results, fill the staged dashboard (and, from ``source_root``, the
+    introduction's status counts and each paper's landing page), and write results.json."""
+    records = collect(stage)
+    if source_page is None:
+        source_page, source_root = ROOT / PAGE, source_root or ROOT
+    _fill(source_page, stage / PAGE, MARKER, render(records))
+    if source_root is not None:
+        _fill(source_root / "book" / "intro.md", stage / "book" / "intro.md", STATUS_MARKER, render_status_counts(records))
+        for paper in PAPERS:
+            name = Path("book") / "papers" / f"{paper}.md"
+            _fill(source_root / name, stage / name, PAPER_MARKER, render_paper_summary(records, paper))
     summary = {
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "counts": counts(records),
