@@ -79,3 +79,28 @@ def test_source_page_types_no_numbers():
 def test_fill_needs_the_markers():
     with pytest.raises(ValueError, match="markers"):
         performance_page.fill("# no markers\n", "block")
+
+
+def test_unfavourable_numbers_are_commented_and_the_memory_case_is_shown():
+    """A ratio below 1 and a missed target never stand without a word; the peak-memory case has a table."""
+    table = "\n".join(
+        performance_page._ratio_table(
+            {
+                "slow": {"loop_over_flagcore_x": 0.88, "loop_over_scipy_x": 0.69},
+                "fast": {"loop_over_flagcore_x": 12.0},
+                "profile": {"ratio_x": 1.66, "warm_back_to_back": {"ratio_x": 1.2}},
+                "good profile": {"ratio_x": 1.3},
+            }
+        )
+    )
+    assert "0.88× (**slower**, see below)" in table and "0.69× (**slower**, see below)" in table
+    assert "- **slow**, 0.88×:" in table and "- **slow**, 0.69×:" in table and "**fast**," not in table
+    assert "1.66× (**target ≤ 1.5 missed**)" in table and "1.3× (target met)" in table
+    assert "- **profile**: 1.66× misses the target" in table and "measured 1.2×" in table
+    assert "**good profile**:" not in table
+    memory = performance_page._memory_table(
+        {"m": {"checkpoint_bytes": 2357 * 2**20, "peak_growth_bytes": 91 * 2**20, "one_layer_query_fp32_bytes": 16 * 2**20,
+               "peak_over_one_layer_query_x": 5.7}}
+    )
+    assert "| m | 2,357 | 91 | 16 | 5.7× |" in memory
+    assert performance_page._memory_table({"x": {"ratio_x": 1.0}}) == []
