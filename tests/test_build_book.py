@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -48,10 +49,50 @@ def test_parameters_are_injected_and_success_is_recorded(stage):
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
 
 
+def _flaky_kernel(root: Path, failures: int) -> Path:
+    """A real kernelspec named python3 whose first ``failures`` starts die as a port clash does; then ipykernel."""
+    spec = root / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    counter = root / "starts"
+    launcher = root / "launch.py"
+    launcher.write_text(
+        "import os, sys\n"
+        f"counter = {str(counter)!r}\n"
+        "n = int(open(counter).read()) if os.path.exists(counter) else 0\n"
+        "open(counter, 'w').write(str(n + 1))\n"
+        f"if n < {failures}:\n"
+        "    sys.stderr.write('zmq.error.ZMQError: Address already in use (addr=tcp://127.0.0.1:5555)\\n')\n"
+        "    sys.exit(1)\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'ipykernel_launcher'] + sys.argv[1:])\n"
+    )
+    argv = [sys.executable, str(launcher), "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"}))
+    return counter
+
+
+@pytest.mark.slow
+def test_a_kernel_that_did_not_start_is_retried(stage, tmp_path, monkeypatch):
+    counter = _flaky_kernel(tmp_path / "jupyter", failures=1)
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    path = _notebook(stage / "notebooks" / "ok.ipynb", "x = 1")
+    record = build_book.execute_one(path, {}, jobs=1)
+    assert record["status"] == "ok", record.get("error")
+    assert counter.read_text() == "2"  # one failed start, one that ran the notebook
+
+
+@pytest.mark.slow
+def test_a_notebook_that_ran_and_failed_is_not_retried(stage, tmp_path, monkeypatch):
+    counter = _flaky_kernel(tmp_path / "jupyter", failures=0)
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    path = _notebook(stage / "notebooks" / "bad.ipynb", "assert False, 'the check failed'")
+    record = build_book.execute_one(path, {}, jobs=1)
+    assert record["status"] == "failed" and "the check failed" in record["error"]
+    assert counter.read_text() == "1"
+
+
 # --- the results dashboard (tools/results.py) ------------------------------------------------------
 
 import html  # noqa: E402
-import json  # noqa: E402
 
 import results  # noqa: E402
 
