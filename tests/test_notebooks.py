@@ -44,7 +44,7 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_pair_exists_and_is_in_sync(source):
-    """The .md is the source of truth; its .ipynb twin (for Colab/Binder) must hold the same cells."""
+    """The .md is the source of truth; its .ipynb twin (for Colab) must hold the same cells."""
     twin = source.with_suffix(".ipynb")
     assert twin.exists(), f"missing {twin.name}: run `jupytext --set-formats ipynb,md:myst {source}`"
     md, ipynb = jupytext.read(source), nbformat.read(twin, as_version=4)

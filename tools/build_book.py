@@ -18,7 +18,7 @@ Steps (all under _build/, nothing in the working tree is modified):
    notebook that reports nothing fails the run.
 4. **build**: ``jupyter-book build . -W -n --keep-going`` inside _build/src, HTML to _build/html.
 
-The Colab/Binder launch buttons of each page point at the repository's output-free ``.ipynb``
+The Colab launch button of each page points at the repository's output-free ``.ipynb``
 twin, because the staged tree mirrors the repository's layout.
 """
 
