@@ -361,22 +361,21 @@ def png_dpi(path: Path) -> float | None:
     return per_unit * 0.0254 if unit == 1 and per_unit else None
 
 
+#: The text rules: the in-page measurement (PAGE_CHECK_JS) and what its hits mean to a reader.
+TEXT_RULES = (
+    ("dollars", "literal $ in the text"),
+    ("output_tex", "TeX printed as text in an output"),
+    ("md_tables", "raw Markdown table in the text"),
+    ("numberless_refs", "cross-reference without a number or title"),
+    ("unpublished", "reference to unpublished material"),
+    ("reprs", "object repr in the page"),
+)
+
+
 def reader_problems(record: dict, page: str, html: Path | None) -> list[str]:
     """What a reader would see as broken: the page-check rules of issue 12 (each has a negative control
     in tests/test_browser.py)."""
-    problems = []
-    if record["dollars"]:
-        problems.append(f"literal $ in the text: {record['dollars']}")
-    if record["output_tex"]:
-        problems.append(f"TeX printed as text in an output: {record['output_tex']}")
-    if record["md_tables"]:
-        problems.append(f"raw Markdown table in the text: {record['md_tables']}")
-    if record["numberless_refs"]:
-        problems.append(f"cross-reference without a number or title: {record['numberless_refs']}")
-    if record["unpublished"]:
-        problems.append(f"reference to unpublished material: {record['unpublished']}")
-    if record["reprs"]:
-        problems.append(f"object repr in the page: {record['reprs']}")
+    problems = [f"{message}: {record[key]}" for key, message in TEXT_RULES if record[key]]
     if record["page_width"] > record["viewport_width"] + 1:
         problems.append(f"page wider than its viewport: {record['page_width']} px > {record['viewport_width']} px")
     for fig in record["figures"]:
