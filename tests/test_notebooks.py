@@ -185,7 +185,7 @@ def test_parameters_cell(source):
         (lambda s: s.replace("seed = 0", "seed = int('0')", 1), "not a plain literal"),
         (lambda s: s.replace(":tags: [parameters]", ":tags: []", 1), "exactly one cell tagged"),
         (lambda s: s.replace("DEVICE = resolve_device(device)", "DEVICE = torch.device(device)", 1), "resolve_device"),
-        (lambda s: s.replace("; paper scale: fast = False", "", 1), "next to `fast`"),
+        (lambda s: s.replace("; paper scale: False", "", 1), "next to `fast`"),
     ],
 )
 def test_parameters_check_catches_bad_cells(edit, problem):
