@@ -1,4 +1,4 @@
-"""Command-line interface: ``python -m flagcore info`` and ``python -m flagcore heads SOURCE``."""
+"""Command-line interface: ``python -m flagcore info``, ``heads SOURCE``, ``layouts`` and ``verify SOURCE``."""
 
 from __future__ import annotations
 
@@ -45,36 +45,137 @@ def _parse_layers(values: list[str] | None) -> list[int] | None:
     return layers
 
 
+def _load_layout(value: str | None):
+    """``--layout``: a built-in layout or model_type name, or a JSON layout file."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    from .layouts import layout_from_dict
+
+    path = Path(value).expanduser()
+    if path.suffix == ".json" or path.is_file():
+        try:
+            return layout_from_dict(json.loads(path.read_text()))
+        except OSError as exc:
+            raise ValueError(f"--layout {value}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--layout {value}: not valid JSON ({exc})") from None
+    return value
+
+
+def _profile_rows(source, layers, roles, dtype, progress) -> tuple[list[dict], dict]:
+    """One row per (layer, role): R, the baseline of that role's shape, excess and z; one pass over the layers."""
+    from .heads import haar_overlap_baseline, head_overlap
+    from .weights import iter_layers
+
+    rows, baselines = [], {}
+    for layer, heads in progress(iter_layers(source, layers, roles, dtype=dtype, contiguous=False)):
+        for role in roles:
+            W = heads[role]
+            n, d, d_k = W.shape
+            if n < 2:
+                rows.append({"layer": layer, "role": role, "heads": n, "d_k": d_k, "R": None, "baseline": None,
+                             "baseline_sd": None, "excess": None, "z": None, "status": "not run: fewer than 2 heads"})
+                continue
+            b = baselines.setdefault((n, d, d_k), haar_overlap_baseline(d, d_k, n))
+            R = float(head_overlap(W))
+            rows.append({"layer": layer, "role": role, "heads": n, "d_k": d_k, "R": R, "baseline": b.mean,
+                         "baseline_sd": b.sd, "excess": R - b.mean, "z": b.z(R), "status": "measured"})
+    return rows, baselines
+
+
 def _heads(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .heads import overlap_profile
     from .weights import open_source
 
+    fmt = "json" if args.json else args.format
     try:
-        source = open_source(args.source)
+        source = open_source(args.source, layout=_load_layout(args.layout), stack=args.stack, revision=args.revision)
         layers = _parse_layers(args.layers)
         bad = [layer for layer in layers or [] if layer not in source.layers]
         if bad:
             raise ValueError(f"layers {bad} out of range: {source.name} has layers 0..{len(source.layers) - 1}")
         total = len(layers) if layers is not None else len(source.layers)
         progress = lambda it: tqdm(it, total=total, desc="layers", unit="layer", file=sys.stderr, leave=False)  # noqa: E731
-        profile = overlap_profile(source, layers, dtype=torch.float64 if args.float64 else torch.float32, progress=progress)
+        dtype = torch.float64 if args.float64 else torch.float32
+        rows, _ = _profile_rows(source, layers, args.roles, dtype, progress)
     except (ValueError, TypeError) as exc:
         print(f"python -m flagcore heads: error: {exc}", file=sys.stderr)
         return 2
-    result = profile.to_dict()
-    if args.json:
-        print(json.dumps(result))
+    info = source.describe()
+    if source.spelling.latent:
+        info["note"] = ("latent attention: the heads live in a low-rank space, so d_k/d is not their random null "
+                        "(flagcore.heads.layout_null_samples gives the null of this factorisation)")
+    if fmt == "json":
+        print(json.dumps({**info, "roles": list(args.roles), "rows": rows}))
         return 0
-    b = profile.baseline
-    print(f"model {result['model']}: d={profile.d}, H={profile.H} query heads ({profile.H_kv} key/value), d_k={profile.d_k}")
-    print(f"Haar baseline E[R] = d_k/d = {b.mean:.4f}, sd {b.sd:.2e} (independent random heads)")
-    print(f"{'layer':>5} {'R':>8} {'baseline':>9} {'excess':>8} {'z':>8}")
-    for row in result["layers"]:
-        print(f"{row['layer']:>5} {row['R']:>8.4f} {b.mean:>9.4f} {row['excess']:>8.4f} {row['z']:>8.1f}")
-    print(f"{'mean':>5} {profile.mean:>8.4f} {b.mean:>9.4f} {profile.mean - b.mean:>8.4f}")
+    if fmt == "csv":
+        import csv
+
+        columns = ["model", "layout", "stack", "layer", "role", "heads", "d_k", "R", "baseline", "baseline_sd", "excess", "z", "status"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"model": info["model"], "layout": info["layout"], "stack": info["stack"], **row})
+        return 0
+    print(f"model {info['model']}: layout {info['layout']!r} ({info['layout_how']}), stack {info['stack']!r} "
+          f"of {info['stacks']}; d={info['d']}, H={info['n_heads']} query heads ({info['n_kv_heads']} key/value)"
+          + (", one layer shared by all depths" if info["shared"] else ""))
+    if "note" in info:
+        print("note: " + info["note"])
+    print(f"{'layer':>5} {'role':>4} {'heads':>5} {'R':>8} {'d_k/d':>8} {'excess':>8} {'z':>8}")
+    for row in rows:
+        if row["R"] is None:
+            print(f"{row['layer']:>5} {row['role']:>4} {row['heads']:>5}  {row['status']}")
+        else:
+            print(f"{row['layer']:>5} {row['role']:>4} {row['heads']:>5} {row['R']:>8.4f} {row['baseline']:>8.4f} "
+                  f"{row['excess']:>8.4f} {row['z']:>8.1f}")
     return 0
+
+
+def _layouts(args: argparse.Namespace) -> int:
+    from .weights import LAYOUTS
+
+    rows = []
+    for layout in {id(lay): lay for lay in LAYOUTS.values()}.values():
+        types = sorted(t for t, lay in LAYOUTS.items() if lay is layout)
+        for row in layout.describe():
+            rows.append({**row, "model_types": types})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        print(f"{row['layout']:>11} {row['stack']:>8}{'*' if row['default'] else ' '} {row['split']:>11}  "
+              f"{row['layer']}{{{', '.join(row['tensors'].values())}}}  [{', '.join(row['model_types'])}]")
+    print("* the default stack")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover
+        print("python -m flagcore verify: error: needs transformers", file=sys.stderr)
+        return 2
+    from .layout_check import verify_layout
+
+    try:
+        model = transformers.AutoModel.from_pretrained(args.source, revision=args.revision)
+        check = verify_layout(model, layout=_load_layout(args.layout), stack=args.stack, layers=_parse_layers(args.layers))
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"python -m flagcore verify: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(check.to_dict()))
+    else:
+        print(f"{check.model}: layout {check.layout!r}, stack {check.stack!r}: {check.status} "
+              f"(largest sin angle {check.sin_max:.1e}, {check.n_tokens} random tokens)")
+        for row in check.rows:
+            if row.status != "verified":
+                print(f"  layer {row.layer} {row.role}: {row.status} {row.reason}")
+    return 0 if check.status == "verified" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,15 +186,40 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     heads = sub.add_parser(
         "heads",
-        help="head-subspace overlap R per layer (flag paper Eq. 12) against the Haar baseline",
-        description="Query-head overlap R per layer, the Haar baseline d_k/d, the excess and a z-score. "
+        help="head-subspace overlap R per layer and role (flag paper Eq. 12) against the Haar baseline",
+        description="Head overlap R per layer for each role, the Haar baseline d_k/d, the excess and a z-score. "
         "SOURCE: an offline alias (minilm, smollm2), a model directory, a .gguf file, or a Hugging Face Hub id.",
     )
     heads.add_argument("source", metavar="SOURCE")
-    heads.add_argument("--json", action="store_true", help="machine-readable output")
     heads.add_argument("--layers", nargs="+", metavar="L", help="layers to read, e.g. 0 3 5-7 (default: all)")
+    heads.add_argument("--roles", nargs="+", default=["q"], choices=["q", "k", "v", "o"],
+                       help="head roles: query, key, value, output (default: q, what the paper measures)")
+    heads.add_argument("--layout", metavar="NAME|FILE.json",
+                       help="a built-in layout (python -m flagcore layouts) or a JSON layout file, "
+                       "instead of the one the config's model_type selects")
+    heads.add_argument("--stack", metavar="NAME", help="attention stack: encoder, decoder, cross, text, vision, ... "
+                       "(default: the layout's default, marked * by python -m flagcore layouts)")
+    heads.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub model")
+    heads.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
+    heads.add_argument("--json", action="store_true", help="same as --format json")
     heads.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     heads.set_defaults(func=_heads)
+    layouts = sub.add_parser("layouts", help="the built-in layouts, their stacks and model types")
+    layouts.add_argument("--json", action="store_true", help="machine-readable output")
+    layouts.set_defaults(func=_layouts)
+    verify = sub.add_parser(
+        "verify",
+        help="check a layout against the model's own forward pass (loads the model with transformers)",
+        description="Exit status 0 when every checked head's query, key, value and output subspace matches "
+        "the model's forward pass, 1 when one does not or nothing could be checked, 2 on an error.",
+    )
+    verify.add_argument("source", metavar="SOURCE", help="a model directory or Hub id transformers can load")
+    verify.add_argument("--layout", metavar="NAME|FILE.json")
+    verify.add_argument("--stack", metavar="NAME")
+    verify.add_argument("--layers", nargs="+", metavar="L")
+    verify.add_argument("--revision", metavar="REV")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=_verify)
     return parser
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "haar_overlap_baseline",
     "haar_overlap_samples",
     "head_overlap",
+    "layout_null_samples",
     "key_heads",
     "leaf_order",
     "linkage",
@@ -281,6 +282,39 @@ def haar_overlap_samples(
         raise ValueError(f"n must be >= 1, got {n}")
     frames = haar_frames(d, d_k, n * H, generator, dtype=dtype).reshape(n, H, d, d_k)
     return head_overlap(frames, assume_orthonormal=True)
+
+
+def layout_null_samples(
+    source,
+    layer: int,
+    role: str = "q",
+    n: int = 200,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """``n`` draws of ``R`` for the heads that ``source``'s layout cuts from *random* weights of the
+    layer's own shapes: i.i.d. Gaussian matrices, norm weights 1 (their initialisation).
+
+    For a layout whose heads are plain row blocks this is the Haar law (:func:`haar_overlap_baseline`);
+    where the heads live in a low-rank space (DeepSeek's latent attention: every query head inside the
+    ``q_lora_rank``-dimensional row space of ``q_a``) it is the null that fits the factorisation, and
+    ``d_k/d`` is not. Only the tensor shapes are read from ``source``.
+    """
+    src = open_source(source)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    spelling = src.spelling
+    shapes = {r: tuple(src.get(src.key(layer, r)).shape) for r in spelling.needed((role,))}
+    dims = src.dims.at(layer)
+    values = []
+    for _ in range(n):
+        raw = {
+            r: torch.ones(shape, dtype=dtype) if r.endswith("norm") else torch.randn(shape, generator=generator, dtype=dtype)
+            for r, shape in shapes.items()
+        }
+        values.append(head_overlap(spelling.split(raw, dims)[role]))
+    return torch.stack(values)
 
 
 # --------------------------------------------------------------------------- a model's profile

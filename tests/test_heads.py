@@ -245,3 +245,24 @@ def test_finiteness_check_is_exact():
     W = torch.ones(3, 4, 2)
     W[0, 0, 0], W[1, 0, 0] = float("inf"), -float("inf")  # inf - inf = nan in the sum: still caught
     assert not _all_finite(W)
+
+
+def test_layout_null_is_haar_for_plain_heads_and_not_for_latent_ones():
+    """Monte Carlo over random weights cut by the layout: Llama's row blocks give the Haar law (mean
+    d_k/d within 4 standard errors); DeepSeek's latent queries (rank-32 space in R^64) lie far above it."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from families import build
+
+    from flagcore.heads import haar_overlap_baseline, layout_null_samples
+    from flagcore.weights import open_source
+
+    g = torch.Generator().manual_seed(0)
+    plain = layout_null_samples(open_source(build("llama")), 0, "q", 200, g)
+    b = haar_overlap_baseline(64, 16, 4)
+    assert abs(plain.mean().item() - b.mean) < 4 * b.sd / 200**0.5
+    latent = layout_null_samples(open_source(build("deepseek_v3")), 0, "q", 200, g)
+    assert latent.mean().item() > haar_overlap_baseline(64, 24, 4).mean + 50 * latent.std().item() / 200**0.5
