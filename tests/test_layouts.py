@@ -211,3 +211,57 @@ def test_cli_reads_every_stack_of_every_family(name, tmp_path, capsys):
                 assert row["R"] == pytest.approx(float(head_overlap(W)), abs=1e-12)
         assert main(["heads", str(tmp_path), "--stack", stack, "--format", "csv"]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 1 + len(src.layers)
+
+
+def test_per_layer_head_counts(tmp_path):
+    """Sizes that vary with depth (OpenELM-style lists in the config): each layer is cut with its own H, H_kv."""
+    from safetensors.torch import save_file
+
+    from flagcore.layouts import Stack
+    from flagcore.weights import register_layout
+
+    g = torch.Generator().manual_seed(0)
+    d, d_head, counts = 32, 8, [(2, 1), (4, 2)]
+    tensors = {}
+    for layer, (H, H_kv) in enumerate(counts):
+        for role, n in (("q", H), ("k", H_kv), ("v", H_kv)):
+            tensors[f"blocks.{layer}.attn.w{role}.weight"] = torch.randn(n * d_head, d, generator=g)
+        tensors[f"blocks.{layer}.attn.wo.weight"] = torch.randn(d, H * d_head, generator=g)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = {"model_type": "varying_heads", "model_dim": d, "num_query_heads": [2, 4], "num_kv_heads": [1, 2], "num_transformer_layers": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    register_layout(Layout("varying", ("varying_heads",), stacks=(Stack("self", "blocks.{layer}.attn.", {r: f"w{r}.weight" for r in "qkvo"}),)))
+    try:
+        src = open_source(tmp_path)
+        for layer, (H, H_kv) in enumerate(counts):
+            heads = layer_heads(src, layer)
+            assert heads["q"].shape == (H, d, d_head) and heads["k"].shape == (H_kv, d, d_head)
+            assert torch.equal(heads["q"][1], tensors[f"blocks.{layer}.attn.wq.weight"][d_head : 2 * d_head].T)
+    finally:
+        LAYOUTS.pop("varying_heads")
+    with pytest.raises(ValueError, match="per-layer head counts for 2 layers, config says 3"):
+        Stack("self", "b.{layer}.", {"q": "q"}).dims({**config, "num_transformer_layers": 3})
+
+
+def test_a_sharded_checkpoint_is_fetched_only_where_it_is_read(tmp_path):
+    """The Hub reader's path (an index, then each shard on first read): reading layer 0's query heads of
+    a model saved in many shards fetches the shards holding them, not the others."""
+    import flagcore.weights as weights
+
+    model = build("llama")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 4
+    fetched = []
+
+    def fetch(filename):
+        fetched.append(filename)
+        return tmp_path / filename
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    src = weights._safetensors_source("sharded", config, fetch, [], index)
+    assert fetched == []  # opening reads the index only
+    heads = layer_heads(src, 0, ("q",))
+    assert set(fetched) == {index[src.key(0, "q")]} and len(set(fetched)) < len(shards)
+    assert torch.equal(heads["q"], layer_heads(open_source(model), 0, ("q",))["q"])
