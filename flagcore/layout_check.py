@@ -26,8 +26,20 @@ rounding error of the model's arithmetic, about ``eps * sqrt(d)`` relative (``ep
 and never below float32's: transformers computes rotary embeddings and norms in float32), amplified by the condition
 number of ``[X 1]`` (least squares) and by that of ``W[h]`` (Wedin's bound on the angle), times a
 safety factor of 100. A check on degenerate input is reported as ``not run``, never as verified: a head
-as wide as the residual stream (every subspace is all of R^d), a rank-deficient head (its condition
-number beyond ``1/(1e3 eps)``), or a model whose attention never reached the probe.
+as wide as the residual stream (every subspace is all of R^d), or a rank-deficient head (its condition
+number beyond ``1/(1e3 eps)``).
+
+**The functional form**, for models that write their attention out instead of calling the interface
+(GPT-Neo, DeBERTa-v2, BLOOM, MPT in transformers 5): sequences of two tokens, the same injected inputs,
+and inside each layer's attention module the first softmax is captured (logits and probabilities).
+Per head and unmasked slot ``(i, j)`` the logit must be an affine function of the layout's bilinear form
+``(x_i W_Q^h)(x_j W_K^h)^T`` and of ``x_i`` and ``x_j`` (biases, scalings, ALiBi and relative-position
+terms are such functions); and the output projection's output must be
+``sum_h sum_j P_h[i, j] x_j W_V^h W_O^h^T`` with the model's own probabilities, up to a constant. The
+relative residuals must be below ``100 eps sqrt(d) kappa``. Rows are reported as roles ``qk`` and ``vo``:
+the per-head maps as the computation uses them (the separate query and key subspaces are not
+identifiable from logits alone). It assumes logits whose position dependence is an affine term per
+slot, which rotary embeddings break, so it is used only when the interface probe is never reached.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .layouts import ROLES, Layout
+from .layouts import ROLES, Layout, repeat_kv
 from .subspace import principal_angles
 from .weights import WeightSource, layer_heads, open_source
 
@@ -141,8 +153,8 @@ def _register_probe() -> str:
     return "flagcore_probe"
 
 
-def _dummy_inputs(model, batch: int, generator: torch.Generator) -> dict:
-    """Inputs that run ``model`` on ``batch`` sequences of one token (text) or one image/clip."""
+def _dummy_inputs(model, batch: int, generator: torch.Generator, tokens: int = 1) -> dict:
+    """Inputs that run ``model`` on ``batch`` sequences of ``tokens`` tokens (text) or one image/clip."""
     params = inspect.signature(model.forward).parameters
     cfg = model.config
     text = getattr(cfg, "text_config", None) or cfg
@@ -151,7 +163,7 @@ def _dummy_inputs(model, batch: int, generator: torch.Generator) -> dict:
     out: dict = {}
     vocab = getattr(text, "vocab_size", None) or getattr(cfg, "vocab_size", None)
     if "input_ids" in params and vocab:
-        out["input_ids"] = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
+        out["input_ids"] = torch.randint(0, vocab, (batch, tokens), generator=generator).to(device)
     if "decoder_input_ids" in params and getattr(cfg, "is_encoder_decoder", False) and vocab:
         out["decoder_input_ids"] = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
     image_tokens = any(getattr(cfg, a, None) is not None for a in ("image_token_id", "image_token_index"))
@@ -225,6 +237,190 @@ def _fit(inputs: Tensor, outputs: Tensor) -> tuple[Tensor, float]:
     return A[:-1], (s[0] / s[-1]).item()
 
 
+def _input_width(module, d: int) -> int:
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D":  # GPT-2's Conv1D stores [in, out]
+        return weight.shape[0]
+    return weight.shape[1] if weight is not None and weight.ndim == 2 else d
+
+
+class _SoftmaxCapture(torch.overrides.TorchFunctionMode):
+    """Inside one module's forward: the input and output of the first softmax (the attention logits and
+    probabilities of a model that writes its attention out instead of calling the interface)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits: Tensor | None = None
+        self.probs: Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.logits is None and func in (torch.nn.functional.softmax, torch.softmax, Tensor.softmax):
+            self.logits, self.probs = args[0].detach(), out.detach()
+        return out
+
+
+def _capture_softmax(capture: _SoftmaxCapture, active: list):
+    def enter(module, args, kwargs):
+        if capture.logits is None and not active:
+            capture.__enter__()
+            active.append(capture)
+
+    def leave(module, args, kwargs, output):
+        if active and active[-1] is capture:
+            active.pop()
+            capture.__exit__(None, None, None)
+
+    return enter, leave
+
+
+def _run(model, probe, modules, wanted, layer_prefixes, inputs, d, tokens, attention):
+    """One instrumented forward pass (see the module docstring); ``attention``: module name ->
+    :class:`_SoftmaxCapture` for the functional check, empty for the interface probe."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    hooks, active = [], []
+    saved_eps = _flatten_norms(model, layer_prefixes) if not attention else []
+    was_training = model.training
+    try:
+        model.eval()
+        if not attention:
+            model.set_attn_implementation(_register_probe())
+        for name in sorted({n for (layer, role), n in wanted.items() if role != "o"}):
+            hook = _replace_input(probe, name, _input_width(modules[name], d))
+            hooks.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+        for name in sorted({n for (layer, role), n in wanted.items() if role == "o"}):
+            hooks.append(modules[name].register_forward_hook(_record_output(probe, name)))
+        for name, capture in attention.items():
+            enter, leave = _capture_softmax(capture, active)
+            hooks.append(modules[name].register_forward_pre_hook(enter, with_kwargs=True))
+            hooks.append(modules[name].register_forward_hook(leave, with_kwargs=True))
+        _ACTIVE.append(probe)
+        with torch.no_grad():
+            if inputs is None:  # learn the tokens per sequence, then size the batch
+                model(**_dummy_inputs(model, 2, probe.generator, tokens))
+                per_sequence = max(1, min(probe.token_counts.values(), default=2) // 2)
+                target = 2 * (d + 1) if not attention else 4 * (d + 1) * tokens
+                for store in (probe.calls, probe.inputs, probe.outputs, probe.token_counts):
+                    store.clear()
+                for capture in attention.values():
+                    capture.logits = capture.probs = None
+                model(**_dummy_inputs(model, math.ceil(target / per_sequence), probe.generator, tokens))
+            else:
+                model(**inputs)
+    finally:
+        while active:
+            active.pop().__exit__(None, None, None)
+        if _ACTIVE and _ACTIVE[-1] is probe:
+            _ACTIVE.pop()
+        for hook in hooks:
+            hook.remove()
+        for module, attribute, value in saved_eps:
+            setattr(module, attribute, value)
+        if previous is not None and not attention:
+            model.set_attn_implementation(previous)
+        model.train(was_training)
+
+
+def _relative_residual(target: Tensor, features: Tensor) -> tuple[float, float]:
+    """||target - [features 1] beta|| / ||target - mean|| by least squares (float64), and the condition
+    number of the centred features."""
+    centred_t = target - target.mean(0)
+    F = features - features.mean(0)
+    beta = torch.linalg.lstsq(F, centred_t, driver="gelsd").solution
+    spread = centred_t.norm().item()
+    s = torch.linalg.svdvals(F)
+    cond = (s[0] / s[-1]).item() if s[-1] > 0 else math.inf
+    return ((centred_t - F @ beta).norm().item() / spread if spread > 0 else math.inf), cond
+
+
+def _verify_functional(model, src, layers, modules, wanted, layer_prefixes, d, seed, check) -> LayoutCheck:
+    """For a model whose attention never reached the interface probe: the functional check.
+
+    Sequences of two tokens (random inputs injected into the projections as before); inside each layer's
+    attention module the first softmax is captured (logits and probabilities). Per head ``h`` and
+    unmasked slot ``(i, j)``, the logit must be an affine function of the layout's bilinear form
+    ``(x_i W_Q^h)(x_j W_K^h)^T`` and of ``x_i``, ``x_j`` (biases, scalings, ALiBi and relative-position
+    terms are such functions); and the output projection's output at token ``i`` must be the layout's
+    ``sum_h sum_j P_h[i, j] x_j W_V^h W_O^h^T`` (with the model's own probabilities ``P``) up to a
+    constant. Roles are reported as ``qk`` and ``vo``: the per-head maps as the computation uses them.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    probe = _Probe({id(m): n for n, m in modules.items()}, generator)
+    owners = {}
+    for layer in layers:
+        parents = {wanted[(layer, r)].rsplit(".", 1)[0] for r in ("q", "k", "v")}
+        owner = parents.pop() if len(parents) == 1 else _common_module(parents)
+        owners[layer] = owner
+    captures = {name: _SoftmaxCapture() for name in set(owners.values())}
+    _run(model, probe, modules, wanted, layer_prefixes, None, d, tokens=2, attention=captures)
+    eps = max(torch.finfo(next(model.parameters()).dtype).eps, torch.finfo(torch.float32).eps)
+    check.n_tokens = min(probe.token_counts.values(), default=0)
+    check.reason = "functional check: the model's attention does not go through transformers' attention interface"
+    for layer in layers:
+        capture = captures[owners[layer]]
+        heads = layer_heads(src, layer, ROLES, dtype=torch.float64)
+        H = heads["q"].shape[0]
+        rows = {name: RoleCheck(layer, name, H, math.nan, math.nan, "not run") for name in ("qk", "vo")}
+        check.rows += list(rows.values())
+        if capture.logits is None or capture.logits.ndim != 4 or capture.logits.shape[1] != H:
+            shape = None if capture.logits is None else tuple(capture.logits.shape)
+            for row in rows.values():
+                row.reason = f"no [batch, {H} heads, tokens, tokens] softmax found in {owners[layer]!r} (got {shape})"
+            continue
+        L, P = capture.logits.to(torch.float64).cpu(), capture.probs.to(torch.float64).cpu()
+        Xq, Xk, Xv = (probe.inputs[wanted[(layer, r)]].to(torch.float64).cpu() for r in ("q", "k", "v"))
+        same_qk = wanted[(layer, "q")] == wanted[(layer, "k")]
+        Wq = heads["q"]
+        Wk = repeat_kv(heads["k"], H)
+        Wv, Wo = repeat_kv(heads["v"], H), heads["o"]
+        s = torch.linalg.svdvals(torch.cat([Wq, Wk, Wv, Wo]))
+        cond_w = (s[:, 0] / s[:, -1]).max().item()
+        T = L.shape[-1]
+        worst, tol_qk = 0.0, math.inf
+        for h in range(H):
+            for i in range(T):
+                for j in range(T):
+                    logit = L[:, h, i, j]
+                    if not bool(torch.isfinite(logit).all()) or logit.abs().max() > 1e20:
+                        continue  # a masked slot
+                    g = ((Xq[:, i] @ Wq[h]) * (Xk[:, j] @ Wk[h])).sum(-1, keepdim=True)
+                    parts = [g, Xq[:, i]] + ([] if same_qk and i == j else [Xk[:, j]])
+                    r, cond = _relative_residual(logit[:, None], torch.cat(parts, dim=1))
+                    worst = max(worst, r)
+                    tol_qk = min(tol_qk, SAFETY * eps * math.sqrt(d) * cond * cond_w)
+        if math.isfinite(tol_qk):
+            rows["qk"].sin_max, rows["qk"].tol = worst, tol_qk
+            rows["qk"].status = "verified" if worst <= tol_qk else "failed"
+            rows["qk"].reason = "logit = affine in the layout's q.k form and the inputs"
+        out_name = wanted[(layer, "o")]
+        if out_name in probe.outputs:
+            Y = probe.outputs[out_name].to(torch.float64).cpu().reshape(Xv.shape[0], T, -1)
+            M = torch.einsum("hdk,hek->hde", Wv, Wo)  # per-head V-O map [H, d, d]
+            pred = torch.einsum("bhij,bjd,hde->bie", P, Xv, M)
+            worst = 0.0
+            for i in range(T):
+                diff = Y[:, i] - pred[:, i]
+                diff = diff - diff.mean(0)
+                spread = (Y[:, i] - Y[:, i].mean(0)).norm().item()
+                worst = max(worst, diff.norm().item() / spread if spread > 0 else math.inf)
+            rows["vo"].sin_max, rows["vo"].tol = worst, SAFETY * eps * math.sqrt(d) * cond_w
+            rows["vo"].status = "verified" if worst <= rows["vo"].tol else "failed"
+            rows["vo"].reason = "output = sum over heads of P x W_V W_O^T, with the model's P"
+        else:
+            rows["vo"].reason = f"the output projection {out_name!r} was not called"
+    return check
+
+
+def _common_module(names) -> str:
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
 def verify_layout(
     model: torch.nn.Module,
     source: WeightSource | None = None,
@@ -235,6 +431,7 @@ def verify_layout(
     roles: Sequence[str] = ROLES,
     seed: int = 0,
     inputs: dict | None = None,
+    method: str = "auto",
 ) -> LayoutCheck:
     """Check that flagcore's per-head ``q``, ``k``, ``v``, ``o`` subspaces of ``model`` are the ones its
     own forward pass uses (method and tolerances: the module docstring).
@@ -245,8 +442,14 @@ def verify_layout(
     ``layout`` to check one before registering it). ``layers``: default all layers of the stack (one,
     for a shared stack). ``inputs``: keyword arguments for ``model(...)`` when the automatic ones (one
     token per sequence; images/audio of the config's size) do not fit; the batch must then hold at least
-    ``2(d+1)`` tokens.
+    ``2(d+1)`` tokens. ``method``: ``"interface"`` (the per-head q, k, v, o maps through transformers'
+    attention interface), ``"functional"`` (the per-head q.k and v-o maps from the captured softmax, for
+    models that write their attention out; it needs position-independent logits up to a per-slot affine
+    term, so not rotary embeddings), or ``"auto"``: the first, and the second when the model's attention
+    never reaches the interface.
     """
+    if method not in ("auto", "interface", "functional"):
+        raise ValueError(f"method must be 'auto', 'interface' or 'functional', got {method!r}")
     if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
         raise TypeError("verify_layout needs a loaded transformers model (an nn.Module with a config)")
     src = source if source is not None else open_source(model, layout=layout, stack=stack)
@@ -272,45 +475,17 @@ def verify_layout(
             wanted[(layer, role)] = name
     generator = torch.Generator().manual_seed(seed)
     probe = _Probe({id(m): n for n, m in modules.items()}, generator)
-    layer_prefixes = [src._prefix + src.spelling.layer.format(layer=g, group=g).rstrip(".") for g in {src._groups[src.layers.index(x)] for x in layers}]
-    implementation = _register_probe()
-    previous = getattr(model.config, "_attn_implementation", None)
-    hooks = []
-    saved_eps = _flatten_norms(model, layer_prefixes)
-    was_training = model.training
-    try:
-        model.eval()
-        model.set_attn_implementation(implementation)
-        input_modules = sorted({n for (layer, role), n in wanted.items() if role != "o"})
-        for name in input_modules:
-            module = modules[name]
-            d_in = module.weight.shape[1] if getattr(module, "weight", None) is not None and module.weight.ndim == 2 else d
-            if type(module).__name__ == "Conv1D":  # GPT-2's Conv1D stores [in, out]
-                d_in = module.weight.shape[0]
-            hooks.append(module.register_forward_pre_hook(_replace_input(probe, name, d_in), with_kwargs=True))
-        for name in sorted({n for (layer, role), n in wanted.items() if role == "o"}):
-            hooks.append(modules[name].register_forward_hook(_record_output(probe, name)))
-        _ACTIVE.append(probe)
-        with torch.no_grad():
-            if inputs is None:  # learn the tokens per sequence, then size the batch
-                model(**_dummy_inputs(model, 2, generator))
-                per_sequence = max(1, min(probe.token_counts.values(), default=2) // 2)
-                target = 2 * (d + 1)
-                for store in (probe.calls, probe.inputs, probe.outputs, probe.token_counts):
-                    store.clear()
-                model(**_dummy_inputs(model, math.ceil(target / per_sequence), generator))
-            else:
-                model(**inputs)
-    finally:
-        if _ACTIVE and _ACTIVE[-1] is probe:
-            _ACTIVE.pop()
-        for hook in hooks:
-            hook.remove()
-        for module, attribute, value in saved_eps:
-            setattr(module, attribute, value)
-        if previous is not None:
-            model.set_attn_implementation(previous)
-        model.train(was_training)
+    groups = {src._groups[src.layers.index(x)] for x in layers}
+    layer_prefixes = [src._prefix + src.spelling.layer.format(layer=g, group=g).rstrip(".") for g in groups]
+    functional_ok = inputs is None and all(r in roles for r in ROLES)
+    if method == "functional":
+        if not functional_ok:
+            raise ValueError("the functional check needs all four roles and the automatic inputs")
+        return _verify_functional(model, src, layers, modules, wanted, layer_prefixes, d, seed, check)
+    _run(model, probe, modules, wanted, layer_prefixes, inputs, d, tokens=1, attention={})
+    probed = any(any(n.startswith(c + ".") for c in probe.calls) for n in wanted.values())
+    if not probed and method == "auto" and functional_ok:
+        return _verify_functional(model, src, layers, modules, wanted, layer_prefixes, d, seed, check)
     # transformers computes rotary embeddings and norms in float32 even in a float64 model: the
     # arithmetic is never finer than float32
     eps = max(torch.finfo(next(model.parameters()).dtype).eps, torch.finfo(torch.float32).eps)

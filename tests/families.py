@@ -105,8 +105,8 @@ FAMILIES: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     "deepseek_v3": ("deepseek_v3", dict(_LATENT, n_group=1, topk_group=1), "deepseek", _ONE),
 }
 
-#: Families whose attention does not go through transformers' attention interface in transformers 5
-#: (it is written out inside the module), so the forward-pass check reports "not run" for them.
+#: Families whose attention does not go through transformers' attention interface in transformers 5 (it is
+#: written out inside the module): the forward-pass check uses its functional form (roles "qk" and "vo").
 NOT_THROUGH_INTERFACE = {"gpt_neo", "deberta-v2", "bloom", "mpt"}
 
 
