@@ -53,7 +53,7 @@ def profile_vs_floor(model: str, repeat: int, layers: list[int] | None = None) -
 
     src = open_source(model)
     layers = src.layers if layers is None else layers
-    keys = [src.key(layer, "qkv" if "qkv" in src.layout.tensors else "q") for layer in layers]
+    keys = [src.key(layer, src.spelling.sources("q")[0]) for layer in layers]
     path = Path(src.name) if Path(src.name).is_dir() else None
     files = {}
     if path is None:  # an alias: find its directory through the source's own files

@@ -299,7 +299,7 @@ def layout_null_samples(
     For a layout whose heads are plain row blocks this is the Haar law (:func:`haar_overlap_baseline`);
     where the heads live in a low-rank space (DeepSeek's latent attention: every query head inside the
     ``q_lora_rank``-dimensional row space of ``q_a``) it is the null that fits the factorisation, and
-    ``d_k/d`` is not. Only the tensor shapes are read from ``source``.
+    ``d_k/d`` is not. Of ``source``'s weights only the shapes are used.
     """
     src = open_source(source)
     if n < 1:
