@@ -285,6 +285,8 @@ class Stack:
             ``l * G // L`` (``G``: config ``num_hidden_groups``, default 1), ALBERT's rule.
         latent: the heads live in a low-rank space (their random null is not Haar; see
             :func:`flagcore.heads.layout_null_samples`).
+        sparse: only some layers have this attention (hybrid models such as Jamba, whose other layers
+            are state-space blocks): the stack's layers are the indices found, not ``0..n-1``.
     """
 
     name: str
@@ -296,6 +298,7 @@ class Stack:
     within: tuple[str, ...] = ()
     shared: bool = False
     latent: bool = False
+    sparse: bool = False
 
     def __post_init__(self):
         placeholder = "{group}" if self.shared else "{layer}"
@@ -415,6 +418,7 @@ class Layout:
                 "layout": self.name, "stack": s.name, "default": s.name == self.default, "layer": s.layer,
                 "tensors": dict(s.tensors), "split": next((k for k, f in SPLITS.items() if f is s.split), s.split.__name__),
                 "config": s.config, "within": list(s.within), "shared": s.shared, "latent": s.latent,
+                "sparse": s.sparse,
             }
             for s in self.stacks
         ]
@@ -570,6 +574,7 @@ _BUILTIN = [
             Stack("vision", "encoder.layers.{layer}.self_attn.", _BART, config="vision_config", within=("vision_tower",)),
         ),
     ),
+    Layout("jamba", ("jamba",), stacks=(Stack("self", "layers.{layer}.self_attn.", _LLAMA, sparse=True),)),
     Layout(
         "albert", ("albert",),
         stacks=(

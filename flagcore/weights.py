@@ -275,6 +275,10 @@ class WeightSource:
                 raise ValueError(f"{self.name}: shared layers need the number of layers in the config")
             return prefix, list(range(n)), [layer * groups_n // n for layer in range(n)]
         n = self.dims.n_layers or len(indices)
+        if spelling.sparse:  # a hybrid model: attention in some layers only
+            if n and indices[-1] >= n:
+                raise ValueError(f"{self.name}: config says {n} layers but attention weights were found for layers {indices}")
+            return prefix, indices, indices
         if indices != list(range(n)):
             raise ValueError(f"{self.name}: config says {n} layers but query weights were found for layers {indices}")
         return prefix, indices, indices

@@ -101,6 +101,12 @@ FAMILIES: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
         "gemma3", ("text", "vision"),
     ),
     "albert": ("albert", dict(_ENC, embedding_size=32), "albert", _ONE),
+    "jamba": (  # hybrid: attention in layers 1 and 3, Mamba blocks elsewhere
+        "jamba",
+        dict(_DEC, num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+             expert_layer_offset=1, num_experts=2, mamba_d_state=4, mamba_expand=2, use_mamba_kernels=False),
+        "jamba", _ONE,
+    ),
     "deepseek_v2": ("deepseek_v2", _LATENT, "deepseek", _ONE),
     "deepseek_v3": ("deepseek_v3", dict(_LATENT, n_group=1, topk_group=1), "deepseek", _ONE),
 }

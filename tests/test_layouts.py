@@ -127,6 +127,13 @@ def test_a_layout_check_on_degenerate_heads_is_not_run():
     assert check.status == "not run" and "every head spans" in check.rows[0].reason
 
 
+def test_jamba_attention_sits_in_some_layers_only():
+    model = build("jamba")
+    src = open_source(model)
+    assert src.layers == [1, 3] and src.dims.n_layers == 4
+    assert verify_layout(model).status == "verified"
+
+
 def test_albert_shares_one_layer_across_depth():
     model = build("albert")
     src = open_source(model)
