@@ -288,3 +288,16 @@ def test_the_functional_check_agrees_where_both_apply(name):
     assert verify_layout(llama, method="functional").status == "failed"
     with pytest.raises(ValueError, match="method must be"):
         verify_layout(model, method="guess")
+
+
+def test_cli_uses_the_factorisation_null_for_latent_heads(tmp_path, capsys):
+    """DeepSeek's tiny query heads sit far above d_k/d = 0.375 by construction (rank-32 space in R^64):
+    against the null of their factorisation a random model is unremarkable (|z| < 5)."""
+    from flagcore.cli import main
+
+    build("deepseek_v3").save_pretrained(tmp_path)
+    assert main(["heads", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["null"].startswith("layout Monte Carlo")
+    for row in out["rows"]:
+        assert row["baseline"] > 0.375 + 0.3 and abs(row["z"]) < 5
