@@ -195,6 +195,17 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if check.status == "verified" else 1
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say which weights of a model to read (``heads`` and ``verify``)."""
+    parser.add_argument("--layers", nargs="+", metavar="L", help="layers to read, e.g. 0 3 5-7 (default: all)")
+    parser.add_argument("--layout", metavar="NAME|FILE.json",
+                        help="a built-in layout (python -m flagcore layouts) or a JSON layout file, "
+                        "instead of the one the config's model_type selects")
+    parser.add_argument("--stack", metavar="NAME", help="attention stack: encoder, decoder, cross, text, vision, ... "
+                        "(default: the layout's default, marked * by python -m flagcore layouts)")
+    parser.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flagcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,19 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     heads = sub.add_parser(
         "heads",
         help="head-subspace overlap R per layer and role (flag paper Eq. 12) against the Haar baseline",
-        description="Head overlap R per layer for each role, the Haar baseline d_k/d, the excess and a z-score. "
+        description="Head overlap R per layer for each role, the Haar baseline d_k/d (for latent attention the "
+        "Monte-Carlo null of its factorisation), the excess and a z-score. "
         "SOURCE: an offline alias (minilm, smollm2), a model directory, a .gguf file, or a Hugging Face Hub id.",
     )
     heads.add_argument("source", metavar="SOURCE")
-    heads.add_argument("--layers", nargs="+", metavar="L", help="layers to read, e.g. 0 3 5-7 (default: all)")
     heads.add_argument("--roles", nargs="+", default=["q"], choices=["q", "k", "v", "o"],
                        help="head roles: query, key, value, output (default: q, what the paper measures)")
-    heads.add_argument("--layout", metavar="NAME|FILE.json",
-                       help="a built-in layout (python -m flagcore layouts) or a JSON layout file, "
-                       "instead of the one the config's model_type selects")
-    heads.add_argument("--stack", metavar="NAME", help="attention stack: encoder, decoder, cross, text, vision, ... "
-                       "(default: the layout's default, marked * by python -m flagcore layouts)")
-    heads.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub model")
+    _model_options(heads)
     heads.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
     heads.add_argument("--json", action="store_true", help="same as --format json")
     heads.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
@@ -231,11 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's forward pass, 1 when one does not or nothing could be checked, 2 on an error.",
     )
     verify.add_argument("source", metavar="SOURCE", help="a model directory or Hub id transformers can load")
-    verify.add_argument("--layout", metavar="NAME|FILE.json")
-    verify.add_argument("--stack", metavar="NAME")
-    verify.add_argument("--layers", nargs="+", metavar="L")
-    verify.add_argument("--revision", metavar="REV")
-    verify.add_argument("--json", action="store_true")
+    _model_options(verify)
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(func=_verify)
     return parser
 

@@ -301,3 +301,24 @@ def test_cli_uses_the_factorisation_null_for_latent_heads(tmp_path, capsys):
     assert out["null"].startswith("layout Monte Carlo")
     for row in out["rows"]:
         assert row["baseline"] > 0.375 + 0.3 and abs(row["z"]) < 5
+
+
+def test_cli_verify_and_layouts(tmp_path, capsys):
+    """`python -m flagcore verify DIR` loads the model and checks its layout (exit 0); a JSON layout file that
+    cuts the fused matrix in the wrong order fails (exit 1); `layouts --json` lists every built-in model type."""
+    from flagcore.cli import main
+
+    build("gpt_neox").save_pretrained(tmp_path / "m")
+    assert main(["verify", str(tmp_path / "m"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "verified" and out["layout"] == "gpt_neox" and len(out["rows"]) == 8
+    wrong = {"name": "neox-stacked", "model_types": [], "layer": "layers.{layer}.attention.",
+             "tensors": {"qkv": "query_key_value.weight", "o": "dense.weight"}, "split": "fused_rows"}
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    assert main(["verify", str(tmp_path / "m"), "--layout", str(tmp_path / "wrong.json")]) == 1
+    assert "failed" in capsys.readouterr().out
+    assert main(["heads", str(tmp_path / "m"), "--layout", str(tmp_path / "wrong.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"] == "neox-stacked"
+    assert main(["layouts", "--json"]) == 0
+    types = {t for row in json.loads(capsys.readouterr().out) for t in row["model_types"]}
+    assert {FAMILIES[name][0] for name in FAMILIES} <= types
