@@ -35,11 +35,15 @@ def _declared(groups: list[str]) -> set[str]:
     return {re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0].replace("-", "_").lower() for spec in specs}
 
 
+#: Declared but not imported by flagcore, each for a reason the test suite exercises.
+INDIRECT = {"accelerate": "transformers requires it to load a GGUF file (test_gguf_cache_matches_transformers_gguf_loader)"}
+
+
 def test_declared_dependencies_match_the_imports():
     imported = _imported_top_level()
     declared = _declared(["hf", "data"])
     assert imported - declared == set(), "imported but not declared"
-    assert declared - imported == set(), "declared but never imported"
+    assert declared - imported == set(INDIRECT), "declared but never imported"
 
 
 def test_the_packaging_check_can_fail():
