@@ -48,6 +48,7 @@ from .layouts import (
     Dims,
     Layout,
     Stack,
+    _lookup,
     cols_to_heads,
     layout_from_dict,
     register_layout,
@@ -265,8 +266,8 @@ class WeightSource:
             raise ValueError(f"{self.name}: attention weights under several prefixes {sorted(found)}; pass a single model")
         prefix, indices = next(iter(found.items()))
         if spelling.shared:
-            groups_n = int(_lookup_config(self.dims.config, ("num_hidden_groups",)) or 1)
-            if int(_lookup_config(self.dims.config, ("inner_group_num",)) or 1) != 1:
+            groups_n = int(_lookup(self.dims.config, ("num_hidden_groups",)) or 1)
+            if int(_lookup(self.dims.config, ("inner_group_num",)) or 1) != 1:
                 raise ValueError(f"{self.name}: shared layers with inner_group_num > 1 are not supported")
             if indices != list(range(groups_n)):
                 raise ValueError(f"{self.name}: config says {groups_n} shared layer groups, weights found for {indices}")
@@ -303,10 +304,6 @@ class WeightSource:
         dims = {k: v for k, v in self.dims.__dict__.items() if k not in ("config", "heads_per_layer")}
         return dict(model=self.name, layout=self.layout.name, layout_how=self.layout_how, stack=self.stack,
                     stacks=self.stacks, shared=self.shared, **dims)
-
-
-def _lookup_config(config: Mapping, keys: Sequence[str]):
-    return next((config[k] for k in keys if config.get(k) is not None), None)
 
 
 class _ProbeSource:
