@@ -104,6 +104,7 @@ def _profile_rows(source, layers, roles, dtype, progress) -> tuple[list[dict], d
 def _heads(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .errors import NetworkRequired
     from .weights import open_source
 
     fmt = "json" if args.json else args.format
@@ -117,7 +118,7 @@ def _heads(args: argparse.Namespace) -> int:
         progress = lambda it: tqdm(it, total=total, desc="layers", unit="layer", file=sys.stderr, leave=False)  # noqa: E731
         dtype = torch.float64 if args.float64 else torch.float32
         rows, _ = _profile_rows(source, layers, args.roles, dtype, progress)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, NetworkRequired) as exc:
         print(f"python -m flagcore heads: error: {exc}", file=sys.stderr)
         return 2
     info = source.describe()

@@ -5,7 +5,8 @@ for lack of training checkpoints: does the head-overlap score ``R`` of the query
 training, and faster with weight decay? This module provides the pieces, all pure (no printing):
 
 * the corpus: :func:`corpus_text` returns the English reference text of CPython's own documentation
-  topics (``pydoc_data.topics``, shipped with every CPython, so it is there offline and in Colab);
+  topics, as of Python 3.11.7 (:func:`flagcore.corpus.pydoc_topics`: shipped with flagcore, so the
+  text is the same offline, in Colab and on any Python version);
   :func:`char_corpus` tokenises it at the character level (vocabulary = the characters that occur);
   :func:`sample_batch` draws random windows for next-character prediction.
 * the model: :class:`CharTransformer`, a pre-LayerNorm GPT-style decoder (learned positions, causal
@@ -19,8 +20,9 @@ training, and faster with weight decay? This module provides the pieces, all pur
   biases), recording the training loss at every step and, every ``every`` steps, ``R`` per layer, the
   query weights' Frobenius norm and a held-out loss.
 
-Determinism: the initialisation and the batches come from explicit ``torch.Generator`` objects, so a
-seed fixes a run (on one device and thread count).
+Determinism: the initialisation and the batches come from explicit ``torch.Generator`` objects, and on
+the CPU :func:`train_lm` runs on one thread (:func:`flagcore.training.one_cpu_thread`), so a seed fixes a
+run on a given kind of device, whatever the core count.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .corpus import pydoc_topics
 from .heads import head_overlap
 from .subspace import _as_int
+from .training import one_cpu_thread
 from .weights import rows_to_heads
 
 __all__ = [
@@ -52,8 +56,8 @@ __all__ = [
 
 #: Corpora available offline: name -> description.
 CORPORA = {
-    "pydoc": "CPython's documentation topics (pydoc_data.topics: the language reference text behind help('topic')), "
-    "about 465k characters of English technical prose with code samples",
+    "pydoc": "CPython 3.11.7's documentation topics (pydoc_data.topics: the language reference text behind "
+    "help('topic'), shipped with flagcore), 465,126 characters of English technical prose with code samples",
 }
 
 
@@ -61,12 +65,12 @@ CORPORA = {
 
 
 def corpus_text(name: str = "pydoc") -> str:
-    """The raw text of an offline corpus (:data:`CORPORA`). ``pydoc``: the topics of ``pydoc_data.topics``
-    concatenated in sorted-key order (deterministic), separated by blank lines."""
+    """The raw text of an offline corpus (:data:`CORPORA`). ``pydoc``: the topics of
+    :func:`flagcore.corpus.pydoc_topics` concatenated in sorted-key order (deterministic), separated by
+    blank lines."""
     if name != "pydoc":
         raise ValueError(f"unknown corpus {name!r}; available: {', '.join(CORPORA)}")
-    from pydoc_data.topics import topics
-
+    topics = pydoc_topics()
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
@@ -305,8 +309,17 @@ def train_lm(
     layer (:func:`flagcore.heads.head_overlap` in float64), the query-weight norms and the loss on
     ``valid_batches`` held-out batches (drawn from a generator of its own, seeded 0, so every run and
     checkpoint sees the same held-out windows). ``generator`` draws the training batches.
-    ``progress``: optional wrapper of the step iterator (e.g. ``tqdm``).
+    ``progress``: optional wrapper of the step iterator (e.g. ``tqdm``). On the CPU the run uses one thread
+    (:func:`flagcore.training.one_cpu_thread`), so its result does not depend on the core count.
     """
+    device = next(model.parameters()).device
+    with one_cpu_thread(device):
+        return _train_lm(model, corpus, steps=steps, batch=batch, seq=seq, lr=lr, weight_decay=weight_decay, every=every,
+                         generator=generator, warmup=warmup, valid_batches=valid_batches, progress=progress)
+
+
+def _train_lm(model, corpus, *, steps, batch, seq, lr, weight_decay, every, generator, warmup, valid_batches,
+              progress) -> TrainRecord:
     if not isinstance(model, CharTransformer):
         raise TypeError(f"model must be a CharTransformer, got {type(model).__name__}")
     if not isinstance(corpus, CharCorpus):

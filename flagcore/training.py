@@ -12,13 +12,20 @@
 * :func:`activation_metric_of`: ``D²`` (diagonal) from captured features, using the activation module.
 
 Nothing here prints; progress bars go to stderr and are off unless asked for.
+
+Reproducibility: on the CPU a training run is carried out on one torch thread
+(:func:`one_cpu_thread`). A sum split over more threads is added in another order, and training
+amplifies those last-bit differences into different networks, so the same seed would give a
+different result on a 2-core Colab than in the book's build. On a GPU the thread count plays no
+role and nothing is changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +35,7 @@ from tqdm import tqdm  # the text bar: tqdm.auto warns in kernels without ipywid
 from .alignment import activation_metric
 from .subspace import _as_int
 
-__all__ = ["Features", "TrainHistory", "accuracy", "activation_metric_of", "capture_features", "train"]
+__all__ = ["Features", "TrainHistory", "accuracy", "activation_metric_of", "capture_features", "one_cpu_thread", "train"]
 
 # Modules that act elementwise and so can produce the penultimate features (D² is diagonal).
 _ELEMENTWISE = (nn.ReLU, nn.GELU, nn.LeakyReLU, nn.Mish, nn.SiLU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.ELU)
@@ -48,6 +55,24 @@ class TrainHistory:
     @property
     def steps(self) -> int:
         return len(self.loss)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block on one torch thread when ``device`` is the CPU, restoring the count after.
+
+    Why: the result of a training run must not depend on how many cores the machine has (see the
+    module docstring). Costs up to the speed-up of the extra cores on the CPU; no-op elsewhere.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_data(X: Tensor, y: Tensor) -> None:
@@ -92,8 +117,18 @@ def train(
         progress: show a tqdm bar (stderr).
 
     The data stay on their device; the model is used where its parameters live. A non-finite loss
-    raises (the run diverged: lower ``lr``) instead of training on garbage.
+    raises (the run diverged: lower ``lr``) instead of training on garbage. On the CPU the run uses
+    one thread (:func:`one_cpu_thread`), so its result does not depend on the machine's core count.
     """
+    device = next(model.parameters()).device
+    with one_cpu_thread(device):
+        return _train(model, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, schedule=schedule, seed=seed, record_every=record_every,
+                      on_record=on_record, grad_clip=grad_clip, progress=progress, desc=desc)
+
+
+def _train(model, X, y, *, epochs, batch_size, lr, momentum, weight_decay, schedule, seed, record_every, on_record,
+           grad_clip, progress, desc) -> TrainHistory:
     _check_data(X, y)
     batch_size = _as_int("batch_size", batch_size)
     if batch_size < 1:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import NetworkRequired, network_disabled
 from .layouts import (
     LAYOUTS,
     ROLES,
@@ -465,16 +466,23 @@ def offline_model_path(alias: str) -> Path | str:
     For code that loads the model itself (e.g. with ``transformers.AutoModel``) rather than through
     :func:`open_source`. When the alias's wheel is not installed (Colab), returns its Hub id from
     :data:`HUB_FALLBACKS` instead, which ``from_pretrained`` downloads when a network exists. Raises
-    ``ValueError`` for an unknown alias.
+    ``ValueError`` for an unknown alias, and :class:`~flagcore.errors.NetworkRequired` when the wheel is
+    missing and downloads are switched off (``HF_HUB_OFFLINE`` / ``FLAGCORE_OFFLINE``), naming both routes,
+    instead of handing transformers a Hub id it would fail on with a generic message.
     """
     if alias not in ALIASES:
         raise ValueError(f"unknown offline alias {alias!r}; known: {', '.join(ALIASES)}")
     try:
         return ALIASES[alias][0]()
-    except ValueError:
-        if alias in HUB_FALLBACKS:
-            return HUB_FALLBACKS[alias]
-        raise
+    except ValueError as missing_wheel:
+        if alias not in HUB_FALLBACKS:
+            raise
+        if network_disabled():
+            raise NetworkRequired(
+                f"{missing_wheel}; without it, {alias!r} is {HUB_FALLBACKS[alias]!r} on the Hugging Face Hub, which needs "
+                "the network, and downloads are switched off here (HF_HUB_OFFLINE / FLAGCORE_OFFLINE)"
+            ) from None
+        return HUB_FALLBACKS[alias]
 
 
 class _NotOnHub(Exception):
@@ -494,27 +502,39 @@ def _hub_source(repo_id: str, revision: str | None = None, **kw) -> WeightSource
     )
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError as exc:  # pragma: no cover
         raise ValueError(offline_msg + " (huggingface_hub is not installed)") from exc
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    offline = network_disabled()
 
     def fetch(filename: str) -> Path:
         try:  # the local Hub cache first: no network round trip when it is there
             return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
         except LocalEntryNotFoundError:
             if offline:
-                raise ValueError(offline_msg + f" (HF_HUB_OFFLINE is set and {filename} is not in the local Hub cache)") from None
+                raise NetworkRequired(
+                    offline_msg + f" (downloads are switched off by HF_HUB_OFFLINE / FLAGCORE_OFFLINE and {filename} "
+                    "is not in the local Hub cache)"
+                ) from None
         except EntryNotFoundError:
             raise _NotOnHub(filename) from None
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except LocalEntryNotFoundError as exc:  # before EntryNotFoundError, its base: the Hub was not reached
+            raise NetworkRequired(f"{offline_msg}: {exc}") from None
         except EntryNotFoundError:
             raise _NotOnHub(filename) from None
         except RevisionNotFoundError as exc:
             raise ValueError(f"{where}: no such revision ({exc})") from None
-        except Exception as exc:
-            raise ValueError(f"{offline_msg}: {type(exc).__name__}: {exc}") from None
+        except RepositoryNotFoundError as exc:
+            raise ValueError(f"{where}: no such repository on the Hub, or a private or gated one ({exc})") from None
+        except Exception as exc:  # connection errors, time-outs, server errors
+            raise NetworkRequired(f"{offline_msg}: {type(exc).__name__}: {exc}") from None
 
     try:
         config = json.loads(fetch("config.json").read_text())
@@ -572,8 +592,8 @@ def open_source(source, *, layout: Layout | str | None = None, stack: str | None
                 raise
             try:  # no wheel (e.g. Colab): the same model from the Hub, when a network exists
                 return _hub_source(HUB_FALLBACKS[text], **kw)
-            except ValueError as exc:
-                raise ValueError(f"{missing_wheel}; the Hub fallback {HUB_FALLBACKS[text]!r} failed too: {exc}") from None
+            except (ValueError, NetworkRequired) as exc:
+                raise type(exc)(f"{missing_wheel}; the Hub fallback {HUB_FALLBACKS[text]!r} failed too: {exc}") from None
         if path.suffix == ".gguf":
             return _directory_source(gguf_to_safetensors(path), text, **kw)
         return _directory_source(path, text, **kw)

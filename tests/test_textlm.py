@@ -42,6 +42,29 @@ def test_corpus_is_real_text_and_round_trips(corpus):
     torch.testing.assert_close(corpus.encode(text[:200]), corpus.train[:200])
 
 
+def test_pinned_corpus_is_python_3_11_7_topics(monkeypatch):
+    """The shipped text is the standard library's pydoc topics of CPython 3.11.7 (oracle: the running
+    interpreter's own copy, when it is that version), and a damaged file is refused (negative control)."""
+    import sys
+
+    from flagcore import corpus as pinned
+
+    topics = pinned.pydoc_topics()
+    assert pinned.PYDOC_TOPICS_VERSION == "3.11.7" and len(topics) == 79
+    assert len(corpus_text()) == 465_126
+    if sys.version_info[:3] == (3, 11, 7):
+        from pydoc_data.topics import topics as stdlib
+
+        assert topics == dict(stdlib)
+    topics["if"] = "changed"  # a fresh dict each call: the cache cannot be altered from outside
+    assert pinned.pydoc_topics()["if"] != "changed"
+    pinned._topics.cache_clear()
+    monkeypatch.setattr(pinned, "PYDOC_TOPICS_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="damaged"):
+        pinned.pydoc_topics()
+    pinned._topics.cache_clear()
+
+
 def test_batches_are_shifted_windows_of_the_text(corpus):
     g = torch.Generator().manual_seed(0)
     x, y = sample_batch(corpus.train, 5, 17, g)

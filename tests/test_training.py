@@ -40,6 +40,26 @@ def test_same_seed_same_run_different_seed_different_order():
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
 
 
+def test_training_result_does_not_depend_on_the_thread_count():
+    """train() runs on one CPU thread whatever the caller's setting (the callback sees 1), restores the
+    caller's setting, and gives bit-identical weights when the caller runs 1 or 2 threads."""
+    X, y = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)), torch.arange(512) % 3
+    runs, seen = [], []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            net = models.mlp(64, 256, 3, 3, generator=torch.Generator().manual_seed(0))
+            training.train(net, X, y, epochs=2, batch_size=64, record_every=4,
+                           on_record=lambda m, s: seen.append(torch.get_num_threads()))
+            assert torch.get_num_threads() == threads  # restored
+            runs.append([p.detach().clone() for p in net.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {1}
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
 def test_step_count_schedule_and_records():
     X, y = _toy(n=50)
     net = _net()
@@ -205,16 +225,3 @@ def test_fashion_mnist_idx_files_parse():
     train = data.load_dataset("fashion-mnist", "train")
     assert train.X.shape == (60_000, 1, 28, 28)
     assert torch.equal(torch.bincount(train.y, minlength=10), torch.full((10,), 6000))  # exactly balanced
-
-
-def test_data_errors_say_what_to_do(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="unknown data set"):
-        data.load_dataset("imagenet")
-    with pytest.raises(ValueError, match="split"):
-        data.load_dataset("mnist", "valid")
-    monkeypatch.delenv("FLAGCORE_FASHION_MNIST", raising=False)
-    monkeypatch.setattr(data, "_FASHION_DIRS", ())
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        data.load_dataset("fashion-mnist", root=tmp_path)
-    with pytest.raises(ValueError, match="per_class"):
-        data.balanced_subset(data.load_dataset("mnist", "test"), 10_000, torch.Generator())

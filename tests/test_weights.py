@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
+from flagcore.errors import NetworkRequired  # noqa: E402
 from flagcore.weights import (  # noqa: E402
     LAYOUTS,
     Layout,
@@ -306,7 +307,7 @@ def test_gqa_head_count_mismatch(tmp_path):
 def test_source_kinds(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(ValueError, match="Hub is not reachable.*HF_HUB_OFFLINE"):
+    with pytest.raises(NetworkRequired, match="Hub is not reachable.*HF_HUB_OFFLINE"):
         open_source("nobody/no-such-model")
     with pytest.raises(ValueError, match="neither a model directory"):
         open_source(str(tmp_path / "missing" / "dir"))

