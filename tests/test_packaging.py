@@ -1,5 +1,5 @@
 """The library's declared dependencies are exactly what its code imports (pyproject.toml: the core list
-and the hf / data extras), so that `pip install "flagcore[hf]"` in a bare environment (Colab) brings what
+and the hf extra), so that `pip install "flagcore[hf]"` in a bare environment (Colab) brings what
 the notebooks need and nothing unused."""
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ INDIRECT = {"accelerate": "transformers requires it to load a GGUF file (test_gg
 
 def test_declared_dependencies_match_the_imports():
     imported = _imported_top_level()
-    declared = _declared(["hf", "data"])
+    declared = _declared(["hf"])
     assert imported - declared == set(), "imported but not declared"
     assert declared - imported == set(INDIRECT), "declared but never imported"
 
 
 def test_the_packaging_check_can_fail():
     """Negative control: a dependency list without transformers misses an import."""
-    assert "transformers" in _imported_top_level() - (_declared(["hf", "data"]) - {"transformers"})
+    assert "transformers" in _imported_top_level() - (_declared(["hf"]) - {"transformers"})
