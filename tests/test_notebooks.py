@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import build_book  # noqa: E402
+import install_cell  # noqa: E402
 
 NOTEBOOKS = build_book.all_notebook_sources(ROOT)
 TEMPLATE = ROOT / "notebooks" / "_template.md"
@@ -88,7 +90,8 @@ def install_cell_problems(notebook) -> list[str]:
         strings = [n.value for n in ast.walk(ast.parse(first.source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
     except SyntaxError as exc:
         return problems + [f"the install cell does not parse: {exc}"]
-    packages = [text for text in strings if text.strip() and not text.startswith("-") and text not in ("pip", "install")]
+    packages = [text for text in strings if text.strip() and not text.startswith("-") and text not in ("pip", "install")
+                and not re.fullmatch(r"[0-9a-f]{40}", text)]  # the pinned library commit
     if any(TORCH_PACKAGES.match(text) for text in packages) or re.search(r"pip[^\n]*\btorch\b", first.source):
         problems.append("the install cell must not install torch (Colab's CUDA build is kept)")
     if not any(text.startswith("flagcore") for text in packages):
@@ -102,6 +105,44 @@ def install_cell_problems(notebook) -> list[str]:
 @pytest.mark.parametrize("source", [*NOTEBOOKS, TEMPLATE], ids=_ids([*NOTEBOOKS, TEMPLATE]))
 def test_install_cell_is_first_and_keeps_torch(source):
     assert install_cell_problems(jupytext.read(source)) == []
+
+
+@pytest.mark.parametrize("source", [*NOTEBOOKS, TEMPLATE], ids=_ids([*NOTEBOOKS, TEMPLATE]))
+def test_install_cell_is_the_generated_one_with_the_right_extras(source):
+    """Every install cell is tools/install_cell.py's text: the extras its code needs, the pinned commit."""
+    notebook = jupytext.read(source)
+    commit = install_cell.pinned_commit(notebook)
+    assert commit is not None, "no LIBRARY_COMMIT in the install cell: run `python tools/install_cell.py`"
+    first_code = next(c for c in notebook.cells if c.cell_type == "code")
+    assert first_code.source == install_cell.expected_cell(notebook, commit), (
+        "the install cell differs from the generated one: run `python tools/install_cell.py`"
+    )
+
+
+def test_install_cells_pin_the_library_of_this_commit():
+    """All notebooks pin one commit, and the library there is the library here (so a notebook opened in
+    Colab installs the code the book was built with). Fails after a library change until the pin is
+    renewed: commit the change, then run `python tools/install_cell.py` and commit that."""
+    if subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True,
+                      text=True).stdout.strip() != "false":
+        pytest.skip("a shallow clone or no git history: the pinned commit cannot be looked up")
+    pins = {install_cell.pinned_commit(jupytext.read(source)) for source in [*NOTEBOOKS, TEMPLATE]}
+    assert len(pins) == 1, f"the notebooks pin different commits: {sorted(map(str, pins))}"
+    (pin,) = pins
+    assert subprocess.run(["git", "cat-file", "-e", f"{pin}^{{commit}}"], cwd=ROOT).returncode == 0, f"{pin} is no commit here"
+    assert install_cell.library_unchanged_since(pin), (
+        f"the library changed since the pinned commit {pin[:12]}: commit, then run `python tools/install_cell.py`"
+    )
+
+
+def test_extras_follow_the_code():
+    """Negative control of extras_for: a notebook that imports transformers needs [hf]; prose does not count."""
+    base = jupytext.read(TEMPLATE)
+    assert install_cell.extras_for(base) == []
+    base.cells.append(nbformat.v4.new_markdown_cell("we load transformers here"))
+    assert install_cell.extras_for(base) == []
+    base.cells.append(nbformat.v4.new_code_cell("from transformers import AutoModel"))
+    assert install_cell.extras_for(base) == ["hf"]
 
 
 @pytest.mark.parametrize(
