@@ -66,9 +66,16 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def build_wheel(out: Path) -> Path:
-    dist = out / "dist"
-    shutil.rmtree(dist, ignore_errors=True)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)])
+    """flagcore's wheel, built from a copy of what goes into it (setuptools writes build/ and *.egg-info
+    beside the sources it builds, and the repository is the book's root)."""
+    dist, src = out / "dist", out / "wheel-src"
+    for folder in (dist, src):
+        shutil.rmtree(folder, ignore_errors=True)
+    src.mkdir(parents=True)
+    shutil.copytree(ROOT / "flagcore", src / "flagcore", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)])
     (wheel,) = dist.glob("flagcore-*.whl")
     return wheel
 
