@@ -135,6 +135,29 @@ def test_install_cells_pin_the_library_of_this_commit():
     )
 
 
+#: A notebook that sets these itself overrides the reader's own choice (in Colab: the Hub download); CI sets them.
+ENV_WRITE = re.compile(r"os\.environ(\[[^]]+\]\s*=|\.setdefault|\.update)|os\.putenv|set_num_threads")
+
+
+def environment_writes(notebook) -> list[str]:
+    """Lines of ``notebook``'s code that change the process environment or torch's thread count."""
+    return [line.strip() for c in notebook.cells if c.cell_type == "code" for line in c.source.splitlines()
+            if ENV_WRITE.search(line)]
+
+
+@pytest.mark.parametrize("source", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebooks_leave_the_environment_alone(source):
+    """No notebook sets HF_HUB_OFFLINE & co. or the thread count: the reader's setting (Colab's network,
+    its two cores) is the one that counts, and CI sets what it needs from outside."""
+    assert environment_writes(jupytext.read(source)) == []
+
+
+def test_environment_writes_are_caught():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('os.environ.setdefault("HF_HUB_OFFLINE", "1")'),
+                                         nbformat.v4.new_code_cell('os.environ["X"] = "1"\ntorch.set_num_threads(1)')])
+    assert len(environment_writes(nb)) == 3
+
+
 def test_extras_follow_the_code():
     """Negative control of extras_for: a notebook that imports transformers needs [hf]; prose does not count."""
     base = jupytext.read(TEMPLATE)
