@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .reproducible import one_cpu_thread
 from .subspace import _as_int
 
 __all__ = ["ACTIVATIONS", "INITS", "make_activation", "mlp", "mlp_mixer", "small_cnn", "small_vit"]
@@ -43,7 +44,8 @@ def _init_linear(layer: nn.Linear, init: str, generator: torch.Generator, gain: 
         if init == "xavier":
             nn.init.xavier_uniform_(layer.weight, generator=generator)
         elif init == "orthogonal":
-            nn.init.orthogonal_(layer.weight, gain=gain, generator=generator)
+            with one_cpu_thread():  # its QR, split over threads, would give another basis on another machine
+                nn.init.orthogonal_(layer.weight, gain=gain, generator=generator)
         else:  # PyTorch's default (Kaiming-uniform), redrawn from the generator for determinism
             bound = 1 / layer.in_features**0.5
             layer.weight.uniform_(-bound, bound, generator=generator)

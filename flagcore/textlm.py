@@ -21,7 +21,7 @@ training, and faster with weight decay? This module provides the pieces, all pur
   query weights' Frobenius norm and a held-out loss.
 
 Determinism: the initialisation and the batches come from explicit ``torch.Generator`` objects, and on
-the CPU :func:`train_lm` runs on one thread (:func:`flagcore.training.one_cpu_thread`), so a seed fixes a
+the CPU :func:`train_lm` runs on one thread (:func:`flagcore.reproducible.one_cpu_thread`), so a seed fixes a
 run on a given kind of device, whatever the core count.
 """
 
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .corpus import pydoc_topics
 from .heads import head_overlap
 from .subspace import _as_int
-from .training import one_cpu_thread
+from .reproducible import one_cpu_thread
 from .weights import rows_to_heads
 
 __all__ = [
@@ -310,7 +310,7 @@ def train_lm(
     ``valid_batches`` held-out batches (drawn from a generator of its own, seeded 0, so every run and
     checkpoint sees the same held-out windows). ``generator`` draws the training batches.
     ``progress``: optional wrapper of the step iterator (e.g. ``tqdm``). On the CPU the run uses one thread
-    (:func:`flagcore.training.one_cpu_thread`), so its result does not depend on the core count.
+    (:func:`flagcore.reproducible.one_cpu_thread`), so its result does not depend on the core count.
     """
     device = next(model.parameters()).device
     with one_cpu_thread(device):

@@ -14,18 +14,17 @@
 Nothing here prints; progress bars go to stderr and are off unless asked for.
 
 Reproducibility: on the CPU a training run is carried out on one torch thread
-(:func:`one_cpu_thread`). A sum split over more threads is added in another order, and training
-amplifies those last-bit differences into different networks, so the same seed would give a
-different result on a 2-core Colab than in the book's build. On a GPU the thread count plays no
-role and nothing is changed.
+(:func:`flagcore.reproducible.one_cpu_thread`, re-exported here). A sum split over more threads is
+added in another order, and training amplifies those last-bit differences into different networks, so
+the same seed would give a different result on a 2-core Colab than in the book's build. On a GPU the
+thread count plays no role and nothing is changed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # the text bar: tqdm.auto warns in kernels without ipywidgets (papermill, CI)
 
 from .alignment import activation_metric
+from .reproducible import one_cpu_thread
 from .subspace import _as_int
 
 __all__ = ["Features", "TrainHistory", "accuracy", "activation_metric_of", "capture_features", "one_cpu_thread", "train"]
@@ -55,24 +55,6 @@ class TrainHistory:
     @property
     def steps(self) -> int:
         return len(self.loss)
-
-
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run the block on one torch thread when ``device`` is the CPU, restoring the count after.
-
-    Why: the result of a training run must not depend on how many cores the machine has (see the
-    module docstring). Costs up to the speed-up of the extra cores on the CPU; no-op elsewhere.
-    """
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _check_data(X: Tensor, y: Tensor) -> None:
