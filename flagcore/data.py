@@ -54,6 +54,7 @@ import torch.hub
 from torch import Tensor
 
 from .errors import NetworkRequired, network_disabled
+from .reproducible import one_cpu_thread
 from .subspace import _as_int
 
 __all__ = [
@@ -372,7 +373,11 @@ def balanced_subset(data: Split, per_class: int, generator: torch.Generator) -> 
 
 
 def standardize(train: Split, *others: Split) -> list[Split]:
-    """Subtract the training set's per-channel mean and divide by its std; the same map on ``others``."""
-    mean = train.X.mean(dim=(0, 2, 3), keepdim=True)
-    std = train.X.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
+    """Subtract the training set's per-channel mean and divide by its std; the same map on ``others``.
+
+    The statistics are summed on one CPU thread: split over threads, the sum's order (and so its last
+    bits) would follow the core count, and training would amplify that into another network."""
+    with one_cpu_thread(train.X.device):
+        mean = train.X.mean(dim=(0, 2, 3), keepdim=True)
+        std = train.X.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
     return [Split((s.X - mean) / std, s.y, s.name, s.split) for s in (train, *others)]

@@ -227,8 +227,16 @@ def capture_features(
     Flatten); if that module is a ``nn.Linear`` the last hidden layer is linear (``D² = I``). Anything
     else there (pooling, a norm layer, an unknown module) is an error: the features would not be the
     activation's output, and ``D²`` of that activation would describe another space.
-    Results are on the CPU in ``dtype`` (float64 by default: the diagnostics are theory checks).
+    Results are on the CPU in ``dtype`` (float64 by default: the diagnostics are theory checks). On the
+    CPU the forward pass runs on one thread, so the features (and the dead units, ranks and verdicts
+    derived from them) do not depend on the core count.
     """
+    with one_cpu_thread(next(model.parameters()).device):
+        return _capture_features(model, X, classifier=classifier, batch_size=batch_size, dtype=dtype)
+
+
+def _capture_features(model: nn.Module, X: Tensor, *, classifier: nn.Linear | None, batch_size: int,
+                      dtype: torch.dtype) -> Features:
     if X.shape[0] == 0:
         raise ValueError("X has no samples")
     model.eval()
