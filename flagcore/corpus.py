@@ -19,10 +19,13 @@ import hashlib
 import json
 from importlib import resources
 
-__all__ = ["PYDOC_TOPICS_SHA256", "PYDOC_TOPICS_VERSION", "pydoc_topics"]
+__all__ = ["PROSE_TOPICS", "PYDOC_TOPICS_SHA256", "PYDOC_TOPICS_VERSION", "prose", "pydoc_topics"]
 
 #: The CPython release whose ``pydoc_data.topics`` is shipped.
 PYDOC_TOPICS_VERSION = "3.11.7"
+#: Topics whose running text is plain English prose, in the order the notebooks feed them to a model.
+PROSE_TOPICS = ("exceptions", "execmodel", "numbers", "truth", "while", "if", "assignment", "naming", "import", "try",
+                "for", "lambda")
 #: SHA-256 of the shipped file: a damaged or replaced copy is refused rather than read.
 PYDOC_TOPICS_SHA256 = "ef1c22e964a0b2936677e8e936b6cd5a6206628338bb9706dadda51fbf8eae91"
 
@@ -39,3 +42,14 @@ def _topics() -> dict[str, str]:
 def pydoc_topics() -> dict[str, str]:
     """The documentation topics of CPython 3.11.7 (a fresh dict: topic name -> text), whatever Python runs."""
     return dict(_topics())
+
+
+def prose(topic: str, min_words: int = 12) -> str:
+    """The running text of one topic as a single line: its paragraphs with no indented line (grammar
+    rules and code samples are indented) and at least ``min_words`` words, lines joined by spaces."""
+    topics = _topics()
+    if topic not in topics:
+        raise ValueError(f"unknown topic {topic!r}; e.g. {', '.join(PROSE_TOPICS)}")
+    paragraphs = [p for p in topics[topic].split("\n\n")
+                  if p.strip() and not any(line.startswith(" ") for line in p.split("\n"))]
+    return " ".join(" ".join(line.strip() for line in p.split("\n")) for p in paragraphs if len(p.split()) >= min_words)

@@ -53,7 +53,7 @@ import torch
 import torch.hub
 from torch import Tensor
 
-from .errors import NetworkRequired, network_disabled
+from .errors import NetworkRequired, cache_dir, network_disabled
 from .reproducible import one_cpu_thread
 from .subspace import _as_int
 
@@ -128,15 +128,6 @@ def _check_split(split: str) -> str:
 # ----------------------------------------------------------------------------- downloads
 
 
-def _cache_root() -> Path:
-    """``$FLAGCORE_CACHE``, else ``$XDG_CACHE_HOME/flagcore``, else ``~/.cache/flagcore``: the same rule as
-    :func:`flagcore.weights.cache_dir` (not imported: flagcore.weights pulls in heavy modules)."""
-    if os.environ.get("FLAGCORE_CACHE"):
-        return Path(os.environ["FLAGCORE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flagcore"
-
-
 def _mirrors(name: str) -> tuple[str, ...]:
     base = os.environ.get("FLAGCORE_DATA_MIRROR", "").strip()
     if not base:
@@ -172,7 +163,7 @@ def _checksums(name: str, checksums: Mapping[str, str] | None) -> dict[str, str]
 
 def _fetch(name: str, filename: str, md5: str) -> Path:
     """``<cache>/datasets/<name>/<filename>``, downloaded first if absent; its MD5 is checked either way."""
-    target = _cache_root() / "datasets" / name / filename
+    target = cache_dir() / "datasets" / name / filename
     if target.is_file():
         # written only after its MD5 matched, so a mismatch here means the file changed since (or other checksums=)
         if (actual := _md5(target)) != md5:

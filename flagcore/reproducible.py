@@ -10,11 +10,15 @@ setting afterwards; on a GPU it changes nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
-__all__ = ["one_cpu_thread"]
+__all__ = ["on_one_cpu_thread", "one_cpu_thread"]
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -32,3 +36,16 @@ def one_cpu_thread(device: torch.device | str = "cpu") -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def on_one_cpu_thread(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a function whose first argument is a model: it runs under :func:`one_cpu_thread` for the
+    device of the model's parameters (so on one thread on the CPU, unchanged on a GPU)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        first = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        with one_cpu_thread(first.device if first is not None else "cpu"):
+            return fn(model, *args, **kwargs)
+
+    return wrapper

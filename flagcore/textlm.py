@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from .corpus import pydoc_topics
 from .heads import head_overlap
+from .reproducible import on_one_cpu_thread
 from .subspace import _as_int
-from .reproducible import one_cpu_thread
 from .weights import rows_to_heads
 
 __all__ = [
@@ -287,6 +287,7 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+@on_one_cpu_thread
 def train_lm(
     model: CharTransformer,
     corpus: CharCorpus,
@@ -312,14 +313,6 @@ def train_lm(
     ``progress``: optional wrapper of the step iterator (e.g. ``tqdm``). On the CPU the run uses one thread
     (:func:`flagcore.reproducible.one_cpu_thread`), so its result does not depend on the core count.
     """
-    device = next(model.parameters()).device
-    with one_cpu_thread(device):
-        return _train_lm(model, corpus, steps=steps, batch=batch, seq=seq, lr=lr, weight_decay=weight_decay, every=every,
-                         generator=generator, warmup=warmup, valid_batches=valid_batches, progress=progress)
-
-
-def _train_lm(model, corpus, *, steps, batch, seq, lr, weight_decay, every, generator, warmup, valid_batches,
-              progress) -> TrainRecord:
     if not isinstance(model, CharTransformer):
         raise TypeError(f"model must be a CharTransformer, got {type(model).__name__}")
     if not isinstance(corpus, CharCorpus):

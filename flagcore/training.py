@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # the text bar: tqdm.auto warns in kernels without ipywidgets (papermill, CI)
 
 from .alignment import activation_metric
-from .reproducible import one_cpu_thread
+from .reproducible import on_one_cpu_thread, one_cpu_thread
 from .subspace import _as_int
 
 __all__ = ["Features", "TrainHistory", "accuracy", "activation_metric_of", "capture_features", "one_cpu_thread", "train"]
@@ -68,6 +68,7 @@ def _check_data(X: Tensor, y: Tensor) -> None:
         raise ValueError("X contains NaN or Inf")
 
 
+@on_one_cpu_thread
 def train(
     model: nn.Module,
     X: Tensor,
@@ -102,15 +103,6 @@ def train(
     raises (the run diverged: lower ``lr``) instead of training on garbage. On the CPU the run uses
     one thread (:func:`one_cpu_thread`), so its result does not depend on the machine's core count.
     """
-    device = next(model.parameters()).device
-    with one_cpu_thread(device):
-        return _train(model, X, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                      weight_decay=weight_decay, schedule=schedule, seed=seed, record_every=record_every,
-                      on_record=on_record, grad_clip=grad_clip, progress=progress, desc=desc)
-
-
-def _train(model, X, y, *, epochs, batch_size, lr, momentum, weight_decay, schedule, seed, record_every, on_record,
-           grad_clip, progress, desc) -> TrainHistory:
     _check_data(X, y)
     batch_size = _as_int("batch_size", batch_size)
     if batch_size < 1:
@@ -212,6 +204,7 @@ def _leaf_order(model: nn.Module, x: Tensor) -> list[nn.Module]:
 
 
 @torch.no_grad()
+@on_one_cpu_thread
 def capture_features(
     model: nn.Module,
     X: Tensor,
@@ -231,12 +224,6 @@ def capture_features(
     CPU the forward pass runs on one thread, so the features (and the dead units, ranks and verdicts
     derived from them) do not depend on the core count.
     """
-    with one_cpu_thread(next(model.parameters()).device):
-        return _capture_features(model, X, classifier=classifier, batch_size=batch_size, dtype=dtype)
-
-
-def _capture_features(model: nn.Module, X: Tensor, *, classifier: nn.Linear | None, batch_size: int,
-                      dtype: torch.dtype) -> Features:
     if X.shape[0] == 0:
         raise ValueError("X has no samples")
     model.eval()

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import NetworkRequired, network_disabled
+from .errors import NetworkRequired, cache_dir, network_disabled
 from .layouts import (
     LAYOUTS,
     ROLES,
@@ -623,15 +623,6 @@ def _confirm_by_forward_pass(model: torch.nn.Module, src: WeightSource, kw: dict
 
 
 # --------------------------------------------------------------------------- GGUF cache
-
-
-def cache_dir() -> Path:
-    """Where de-quantised weights are cached: ``$FLAGCORE_CACHE``, else ``$XDG_CACHE_HOME/flagcore``,
-    else ``~/.cache/flagcore``."""
-    if os.environ.get("FLAGCORE_CACHE"):
-        return Path(os.environ["FLAGCORE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flagcore"
 
 
 _GGUF_LLAMA = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}

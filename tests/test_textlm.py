@@ -65,6 +65,26 @@ def test_pinned_corpus_is_python_3_11_7_topics(monkeypatch):
     pinned._topics.cache_clear()
 
 
+def test_prose_keeps_the_running_text_only():
+    """prose(topic): every kept paragraph is unindented text of the topic with >= min_words words; the
+    indented grammar and code lines are gone (oracle: the raw topic, split by hand)."""
+    from flagcore.corpus import PROSE_TOPICS, prose, pydoc_topics
+
+    raw, checked = pydoc_topics(), 0
+    for topic in PROSE_TOPICS:
+        text = prose(topic)
+        assert len(text.split()) >= 50 and "\n" not in text
+        # paragraphs with an indented line (grammar rules, code samples), joined the way prose joins lines
+        indented = [" ".join(line.strip() for line in p.split("\n")) for p in raw[topic].split("\n\n")
+                    if any(line.startswith(" ") for line in p.split("\n")) and len(p.split()) >= 4]
+        assert not any(p in text for p in indented)  # none of them is kept
+        checked += len(indented)
+    assert checked > 20  # the topics do hold such lines, so the check above had something to reject
+    assert len(prose("exceptions", min_words=1)) > len(prose("exceptions")) > len(prose("exceptions", min_words=60))
+    with pytest.raises(ValueError, match="unknown topic"):
+        prose("no-such-topic")
+
+
 def test_batches_are_shifted_windows_of_the_text(corpus):
     g = torch.Generator().manual_seed(0)
     x, y = sample_batch(corpus.train, 5, 17, g)

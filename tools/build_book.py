@@ -107,18 +107,28 @@ def _kernel_env(jobs: int) -> dict[str, str]:
     return env
 
 
-def _first_error(notebook_path: Path) -> str:
-    try:
-        nb = nbformat.read(notebook_path, as_version=4)
-    except Exception as exc:  # the output may be unreadable if the kernel died
-        return f"(could not read the executed notebook: {exc})"
+def error_output(notebook_path: Path) -> tuple[int, object, dict] | None:
+    """(cell index, cell, output) of the first error output of an executed notebook, or None.
+    Raises whatever nbformat raises when the file is unreadable (e.g. the kernel died mid-write)."""
+    nb = nbformat.read(notebook_path, as_version=4)
     for index, cell in enumerate(nb.cells):
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
-                source = "\n".join("    " + line for line in cell.source.splitlines()[-8:])
-                trace = "\n".join(output.get("traceback", [])[-6:])
-                return f"cell {index} ending with:\n{source}\n{output['ename']}: {output['evalue']}\n{trace}"
-    return "(no error cell found; see the log above)"
+                return index, cell, output
+    return None
+
+
+def _first_error(notebook_path: Path) -> str:
+    try:
+        found = error_output(notebook_path)
+    except Exception as exc:  # the output may be unreadable if the kernel died
+        return f"(could not read the executed notebook: {exc})"
+    if found is None:
+        return "(no error cell found; see the log above)"
+    index, cell, output = found
+    source = "\n".join("    " + line for line in cell.source.splitlines()[-8:])
+    trace = "\n".join(output.get("traceback", [])[-6:])
+    return f"cell {index} ending with:\n{source}\n{output['ename']}: {output['evalue']}\n{trace}"
 
 
 #: A kernel that never started (jupyter_client picks free ports, then the kernel binds them: two kernels

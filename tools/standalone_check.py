@@ -113,14 +113,10 @@ def prepare(source: Path, folder: Path, wheel: Path) -> Path:
 def _error(executed: Path) -> tuple[str, str]:
     """(exception name, message) of the first error output of an executed notebook, or ("", "")."""
     try:
-        nb = nbformat.read(executed, as_version=4)
+        found = build_book.error_output(executed)
     except Exception as exc:  # the kernel may have died before papermill wrote anything readable
         return "unreadable", str(exc)
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "error":
-                return output.get("ename", ""), output.get("evalue", "")
-    return "", ""
+    return (found[2].get("ename", ""), found[2].get("evalue", "")) if found else ("", "")
 
 
 def run_one(source: Path, name: str, env: dict, wheel: Path, out: Path, threads: int) -> dict:
