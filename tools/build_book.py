@@ -179,22 +179,69 @@ def execute(notebooks: list[Path], parameters: dict[str, object], jobs: int) -> 
     records.sort(key=lambda r: order[r["notebook"]])
     total = time.perf_counter() - start
     print(f"notebooks: {sum(r['status'] == 'ok' for r in records)}/{len(records)} ok, wall {total:.1f} s", flush=True)
+    write_report(records, f"{jobs} notebooks at a time", total)
+    return records
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def write_report(records: list[dict[str, object]], how: str, wall_seconds: float, where: str | None = None) -> None:
+    """The execution report (_build/execution-report.json) and the book's execution-status page."""
     report = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "jobs": jobs,
-        "wall_seconds": round(total, 1),
+        "machine": where or machine(),
+        "how": how,
+        "wall_seconds": round(wall_seconds, 1),
         "notebooks": records,
     }
     (BUILD / "execution-report.json").write_text(json.dumps(report, indent=2))
     write_status_page(report)
-    return records
+
+
+#: When each notebook last passed at paper scale (``fast = False``): written by ``make paper-scale``
+#: (tools/ray_runner.py book --record), committed, shown on the execution-status page.
+PAPER_SCALE_RECORD = ROOT / "book" / "paper-scale-runs.json"
+
+
+def paper_scale_runs(path: Path = PAPER_SCALE_RECORD) -> dict[str, dict]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def paper_scale_lines(runs: dict[str, dict], notebooks: list[str]) -> list[str]:
+    """The execution page's paper-scale table: one line per notebook, its last pass or why there is none."""
+    lines = [
+        "",
+        "### Last pass at paper scale",
+        "",
+        "Each notebook's `fast = False` run: when it last passed (all its assertions held), on what, "
+        "and the command that reproduces it. Those marked *needs a GPU* declare it in their front "
+        "matter; they have not yet run at paper scale.",
+        "",
+        "| notebook | last passed | time (s) | machine | command |",
+        "|---|---|---|---|---|",
+    ]
+    for name in notebooks:
+        run = runs.get(name)
+        if run:
+            lines.append(f"| {{doc}}`/{name}` | {run['date']} | {run['seconds']} | {run['machine']} | "
+                         f"`{run['command']}` |")
+        else:
+            lines.append(f"| {{doc}}`/{name}` | {'needs a GPU' if gpu_notebook(name) else 'not yet'} | | | |")
+    return lines
+
+
+def gpu_notebook(name: str) -> bool:
+    """Whether a notebook declares a GPU for its paper scale (front matter ``flagcore: resources: num_gpus``)."""
+    notebook = jupytext.read(ROOT / f"{name}.md")
+    return bool(((notebook.metadata.get("flagcore") or {}).get("resources") or {}).get("num_gpus"))
 
 
 def write_status_page(report: dict[str, object]) -> None:
     page = STAGE / "book" / "execution.md"
     lines = [
-        f"Built {report['date']} on {report['machine']}; {report['jobs']} notebooks at a time, "
+        f"Built {report['date']} on {report['machine']}; {report['how']}, "
         f"{report['wall_seconds']} s wall in all.",
         "",
         "| notebook | status | time (s) | parameters |",
@@ -203,6 +250,8 @@ def write_status_page(report: dict[str, object]) -> None:
     for record in report["notebooks"]:
         params = ", ".join(f"`{k}={v}`" for k, v in record["parameters"].items()) or "defaults (CI scale)"
         lines.append(f"| {{doc}}`/{record['notebook']}` | {record['status']} | {record['seconds']} | {params} |")
+    names = [str(p.relative_to(ROOT).with_suffix("")) for p in toc_notebooks()]
+    lines += paper_scale_lines(paper_scale_runs(), names)
     text = page.read_text()
     if TABLE_MARKER not in text:
         raise SystemExit(f"{page.relative_to(STAGE)} lost its marker {TABLE_MARKER!r}")
@@ -243,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = [nb for nb in notebooks if fnmatch.fnmatch(str(nb.relative_to(STAGE)), args.only)]
     parameters = {name: _parse_value(value) for name, value in args.parameter}
     records = execute(notebooks, parameters, args.jobs)
+    return finish(records, no_build=args.no_build)
+
+
+def finish(records: list[dict[str, object]], no_build: bool = False) -> int:
+    """After execution: report failures, else the results dashboard, the performance page and the book."""
     failed = [r for r in records if r["status"] != "ok"]
     for record in failed:
         print(f"\n=== FAILED: {record['notebook']} ===\n{record['error']}", file=sys.stderr)
@@ -254,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # the performance page, from benchmark JSON under _build/bench when `make bench` has been run
     performance_page.main(["--stage", str(STAGE), "--bench", str(BUILD / "bench")])
-    if not args.no_build:
+    if not no_build:
         build()
     return 0
 
