@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -133,6 +134,20 @@ class Job:
     resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
 
 
+def run_with_timeout(cmd: list[str], env: dict, timeout: float | None) -> subprocess.CompletedProcess:
+    """Run ``cmd``; past ``timeout`` seconds kill its whole process group (papermill and its kernel) and
+    return code -1, so that no orphaned kernel keeps computing."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            return subprocess.CompletedProcess(cmd, -1, "", f"timed out after {timeout:g} s")
+    return subprocess.CompletedProcess(cmd, process.returncode, out, err)
+
+
 def execute_notebook(payload: dict) -> dict:
     """Run one notebook with papermill in a scratch folder; returns its record and the executed notebook.
 
@@ -151,7 +166,7 @@ def execute_notebook(payload: dict) -> dict:
         path.write_text(payload["notebook"])
         cmd = [sys.executable, "-m", "papermill", str(path), str(path), "-k", "python3", "--cwd", str(folder),
                "--no-progress-bar", "-y", yaml.safe_dump(payload["parameters"])]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        done = run_with_timeout(cmd, env, payload.get("timeout"))
         record = {"notebook": payload["name"], "parameters": payload["parameters"],
                   "seconds": round(time.perf_counter() - start, 1),
                   "status": "ok" if done.returncode == 0 else "failed", "node": os.uname().nodename,
@@ -166,6 +181,7 @@ def execute_notebook(payload: dict) -> dict:
             except Exception:  # the kernel may have died mid-write
                 pass
             record["error"] = error or "\n".join((done.stderr or done.stdout).splitlines()[-10:])
+            record["retry"] = done.returncode != -1  # a timeout would only time out again
     return {"record": record, "notebook": executed}
 
 
@@ -230,7 +246,7 @@ def run_jobs(ray, kind: str, jobs: list[Job], *, retries: int = 1, cache: Path =
             (folder / f"{job.key}.json").write_text(json.dumps(out))
             results[job.key] = out
             bar.update(1)
-        elif attempts[job.key] <= retries:
+        elif attempts[job.key] <= retries and record.get("retry", True):
             bar.write(f"retry {job.label} (attempt {attempts[job.key] + 1}): {record.get('error', '')[:200]}")
             submit(job)
         else:
@@ -277,8 +293,10 @@ def notebook_payload(source: Path, parameters: dict, threads: int) -> tuple[dict
     return payload, declared
 
 
-def notebook_job(source: Path, parameters: dict, fingerprint: str, cpu_only: bool = False, threads: int = 1) -> Job:
+def notebook_job(source: Path, parameters: dict, fingerprint: str, cpu_only: bool = False, threads: int = 1,
+                 timeout: float | None = None) -> Job:
     payload, declared = notebook_payload(source, parameters, threads)
+    payload["timeout"] = timeout
     resources = {k: v for k, v in declared.items() if not (cpu_only and k == "num_gpus")}
     params = ", ".join(f"{k}={v}" for k, v in parameters.items())
     key = content_key("notebook", source.read_text(), sorted(payload["siblings"].items()), parameters, fingerprint)
@@ -389,7 +407,8 @@ def cmd_book(args: argparse.Namespace) -> int:
     if args.record and parameters.get("fast") is not False:
         raise RunnerError("--record writes the paper-scale record: it needs -p fast False")
     fingerprint = library_fingerprint()
-    jobs = [notebook_job(ROOT / f"{name}.md", parameters, fingerprint, cpu_only=args.cpu_only) for name in chosen]
+    jobs = [notebook_job(ROOT / f"{name}.md", parameters, fingerprint, cpu_only=args.cpu_only, timeout=args.timeout)
+            for name in chosen]
     ray = connect(args.address, args.num_cpus)
     start = time.perf_counter()
     results, failed = run_jobs(ray, "notebook", jobs, retries=args.retries, cache=args.cache, progress=not args.quiet)
@@ -433,7 +452,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     fixed = {name: _parse_value(value) for name, value in args.parameter}
     points = [{**fixed, **point} for point in grid_points(axes)]
     fingerprint = library_fingerprint()
-    jobs = [notebook_job(source, point, fingerprint, cpu_only=args.cpu_only) for point in points]
+    jobs = [notebook_job(source, point, fingerprint, cpu_only=args.cpu_only, timeout=args.timeout) for point in points]
     ray = connect(args.address, args.num_cpus)
     start = time.perf_counter()
     results, failed = run_jobs(ray, "notebook", jobs, retries=args.retries, cache=args.cache, progress=not args.quiet)
@@ -525,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=helptext)
         p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
         p.add_argument("--cpu-only", action="store_true", help="drop declared GPU requests (run them on CPUs)")
+        p.add_argument("--timeout", type=float, help="seconds a notebook may run; then it fails, not retried")
     book, grid = sub.choices["book"], sub.choices["grid"]
     book.add_argument("--only", help="only notebooks whose path (notebooks/part/name.ipynb) matches this glob")
     book.add_argument("--no-build", action="store_true", help="execute only; skip jupyter-book")
