@@ -169,6 +169,12 @@ def _bases(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return _common_dtype(orthonormal_basis(A), orthonormal_basis(B))
 
 
+#: A batch of large matrices is processed in chunks of about this many bytes per input: each stage
+#: (SVD, products, SVD of the residual) of a whole batch of 768 x 64 matrices streams tens of MB
+#: through memory, and lost to a loop over the items, whose one item stays in cache (issue 15).
+_CHUNK_BYTES = 4 * 2**20
+
+
 def principal_angles(A: Tensor, B: Tensor) -> Tensor:
     """Principal angles between col(A) and col(B), in radians, ascending.
 
@@ -179,6 +185,23 @@ def principal_angles(A: Tensor, B: Tensor) -> Tensor:
     of ``scipy.linalg.subspace_angles``): ``arccos`` of a singular value near 1 loses half the
     digits, so an angle of 1e-10 would come out as 0 or ~1e-8.
     """
+    A = _check_matrix("A", A)
+    B = _check_matrix("B", B)
+    _check_same_ambient("A", A, "B", B)
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    n = math.prod(batch)
+    step = max(1, _CHUNK_BYTES // (A.shape[-2] * max(A.shape[-1], B.shape[-1], 1) * A.element_size()))
+    if n <= step:
+        return _principal_angles(A, B)
+    A = A.expand(*batch, *A.shape[-2:]).reshape(n, *A.shape[-2:])
+    B = B.expand(*batch, *B.shape[-2:]).reshape(n, *B.shape[-2:])
+    parts = [_principal_angles(A[i : i + step], B[i : i + step]) for i in range(0, n, step)]
+    if len({part.shape[-1] for part in parts}) > 1:
+        raise ValueError("the numerical rank differs across the batch; call principal_angles on each item separately")
+    return torch.cat(parts).reshape(*batch, -1)
+
+
+def _principal_angles(A: Tensor, B: Tensor) -> Tensor:
     QA, QB = _bases(A, B)
     if QA.shape[-1] < QB.shape[-1]:  # the sine formula needs the larger subspace first
         QA, QB = QB, QA

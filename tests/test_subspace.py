@@ -650,3 +650,27 @@ def test_property_angles_on_arbitrary_spanning_matrices(d, kA, kB, seed):
     np.testing.assert_allclose(principal_angles(B, A).numpy(), theta.numpy(), rtol=0, atol=1e-12)
     assert float(frobenius_overlap(A, B)) == pytest.approx(float(torch.cos(theta).square().sum()), abs=1e-10)
     assert intersection_dim(A, B) == np_rank(A) + np_rank(B) - np_rank(torch.cat([A, B], dim=1))
+
+
+def test_principal_angles_in_chunks_equal_scipy_per_item(monkeypatch):
+    """A batch of large matrices runs in chunks (cache-sized); broadcast batch shapes and the result match scipy
+    item by item, and a rank that changes between chunks is refused as in one call."""
+    import flagcore.subspace as subspace
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(3, 1, 12, 3, generator=g, dtype=torch.float64)
+    B = torch.randn(1, 4, 12, 2, generator=g, dtype=torch.float64)
+    whole = principal_angles(A, B)
+    monkeypatch.setattr(subspace, "_CHUNK_BYTES", 12 * 3 * 8 * 2)  # two items per chunk: six chunks
+    chunked = principal_angles(A, B)
+    assert chunked.shape == whole.shape == (3, 4, 2)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-14)
+    for i in range(3):
+        for j in range(4):
+            ref = np.sort(sl.subspace_angles(A[i, 0].numpy(), B[0, j].numpy()))
+            np.testing.assert_allclose(chunked[i, j].numpy(), ref, atol=1e-12)
+    A_bad = A.expand(3, 4, 12, 3).clone()
+    A_bad[2, 3, :, 2] = A_bad[2, 3, :, 0]  # the last item has rank 2: its chunk gives 2 angles, the others 3
+    B3 = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="rank differs"):
+        principal_angles(A_bad, B3)
