@@ -158,3 +158,22 @@ def test_merge_rows_gives_mean_and_sample_sd_per_number_and_counts_statuses():
     # negative control: texts that do not line up are listed per seed, never averaged
     odd = ray_runner.merge_rows([({"seed": 0}, [row("R = 0.2")]), ({"seed": 1}, [row("R = 0.2, 0.4")])])
     assert odd[0]["ours"] == "seed=0: R = 0.2; seed=1: R = 0.2, 0.4"
+
+
+def test_paper_scale_record_and_its_table(tmp_path):
+    import build_book
+
+    path = tmp_path / "runs.json"
+    ray_runner.record_paper_scale([{"notebook": "notebooks/lightning/definitions", "seconds": 12.5,
+                                    "machine": "x86_64, 2 cores"}], {"fast": False}, path)
+    runs = build_book.paper_scale_runs(path)
+    assert runs["notebooks/lightning/definitions"]["command"] == (
+        "python tools/ray_runner.py book -p fast False --only notebooks/lightning/definitions.ipynb")
+    lines = build_book.paper_scale_lines(runs, ["notebooks/lightning/definitions", "notebooks/flag/activation-sweep",
+                                                "notebooks/lightning/deep-dimension"])
+    table = "\n".join(lines)
+    assert "| {doc}`/notebooks/lightning/definitions` | 20" in table and "| 12.5 |" in table
+    assert "| {doc}`/notebooks/flag/activation-sweep` | needs a GPU |" in table  # declared in its front matter
+    assert "| {doc}`/notebooks/lightning/deep-dimension` | not yet |" in table
+    # --record only makes sense at fast = False: refused before anything is staged or run
+    assert ray_runner.main(["book", "--record", "--no-build", "--only", "nothing"]) == 2

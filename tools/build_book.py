@@ -308,6 +308,11 @@ def finish(records: list[dict[str, object]], no_build: bool = False) -> int:
         return 1
     # the performance page, from benchmark JSON under _build/bench when `make bench` has been run
     performance_page.main(["--stage", str(STAGE), "--bench", str(BUILD / "bench")])
+    # the E.1 scale study, from the committed book/scale-study/study.json (tools/scale_study.py run);
+    # imported here: scale_study builds on this module
+    import scale_study
+
+    scale_study.fill_page(STAGE)
     if not no_build:
         build()
     return 0

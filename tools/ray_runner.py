@@ -399,13 +399,13 @@ def _report_failures(failed: list[dict]) -> None:
 
 def cmd_book(args: argparse.Namespace) -> int:
     parameters = {name: _parse_value(value) for name, value in args.parameter}
+    if args.record and parameters.get("fast") is not False:
+        raise RunnerError("--record writes the paper-scale record: it needs -p fast False")
     staged = build_book.stage()
     sources = {str(p.relative_to(build_book.STAGE).with_suffix("")): p for p in staged}
     chosen = [name for name in sources if not args.only or fnmatch.fnmatch(name + ".ipynb", args.only)]
     if args.skip_gpu:
         chosen = [name for name in chosen if not build_book.gpu_notebook(name)]
-    if args.record and parameters.get("fast") is not False:
-        raise RunnerError("--record writes the paper-scale record: it needs -p fast False")
     fingerprint = library_fingerprint()
     jobs = [notebook_job(ROOT / f"{name}.md", parameters, fingerprint, cpu_only=args.cpu_only, timeout=args.timeout)
             for name in chosen]
