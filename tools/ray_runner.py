@@ -134,6 +134,10 @@ class Job:
     resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
 
 
+#: Errors recorded in a notebook's output when its kernel, not its code, failed.
+KERNEL_DEATHS = {"DeadKernelError", "CellTimeoutError"}
+
+
 def run_with_timeout(cmd: list[str], env: dict, timeout: float | None) -> subprocess.CompletedProcess:
     """Run ``cmd``; past ``timeout`` seconds kill its whole process group (papermill and its kernel) and
     return code -1, so that no orphaned kernel keeps computing."""
@@ -173,15 +177,18 @@ def execute_notebook(payload: dict) -> dict:
                   "machine": f"{build_book.machine()}, {threads} thread(s)"}
         executed = path.read_text() if path.exists() else ""
         if done.returncode != 0:
-            error = ""
+            error, raised = "", False
             try:
                 found = build_book.error_output(path)
                 if found:
                     error = f"{found[2]['ename']}: {found[2]['evalue']}"
+                    raised = found[2]["ename"] not in KERNEL_DEATHS
             except Exception:  # the kernel may have died mid-write
                 pass
             record["error"] = error or "\n".join((done.stderr or done.stdout).splitlines()[-10:])
-            record["retry"] = done.returncode != -1  # a timeout would only time out again
+            # A notebook that raised would raise again, and a timeout would time out again: retried are
+            # only failures of the machinery (a kernel that died or never started, a lost worker).
+            record["retry"] = not raised and done.returncode != -1
     return {"record": record, "notebook": executed}
 
 

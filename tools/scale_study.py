@@ -201,11 +201,14 @@ def figure(study: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from flagcore.plotting import use_book_style
+
+    use_book_style()  # the book's sizes: 6.5 in wide, no text below 9 pt (the page check measures it)
     design = study["designs"]["table-e4"]
     points = [p for p in study["points"] if p["study"] == "table-e4"]
     base = next((p for p in points if not _axis(p, design)[0]), None)
     axes = list(design["axes"])
-    fig, panels = plt.subplots(1, len(axes), figsize=(9, 3.2), sharey=True)
+    fig, panels = plt.subplots(1, len(axes), figsize=(6.5, 3.4), sharey=True)
     paper = PAPER["table-e4"]
     for ax, name in zip(panels, axes):
         series = ([(design["base"][name], base)] if base else []) + [
@@ -221,11 +224,10 @@ def figure(study: dict, path: Path) -> None:
                    label="paper, ReLU-50 (mean ± sd)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel(name.replace("_", " "))
+        ax.set_xlabel({"per_class_train": "training images per class"}.get(name, name))
     panels[0].set_ylabel(r"$\|[P_V, D^2]\|_F$")
-    panels[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.legend(*panels[0].get_legend_handles_labels(), loc="outside upper center", ncols=3)
+    fig.savefig(path)
     plt.close(fig)
 
 
@@ -256,7 +258,6 @@ CI point (10 epochs, width 64, 500 training images per class).
 
 ```{{figure}} {figure_name}
 :name: fig-scale-study-e4
-:width: 100%
 
 Table E.4's commutator $\\|[P_V,D^2]\\|_F$ of MLP-ReLU-50 (orth) (circles) and MLP-ReLU-10 (squares,
 dashed), mean ± sd over the notebook's seeds, as one setting grows from the CI point (left: epochs;
