@@ -411,6 +411,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     staged = build_book.stage()
     sources = {str(p.relative_to(build_book.STAGE).with_suffix("")): p for p in staged}
     chosen = [name for name in sources if not args.only or fnmatch.fnmatch(name + ".ipynb", args.only)]
+    chosen = [name for name in chosen if not any(fnmatch.fnmatch(name + ".ipynb", pattern) for pattern in args.skip)]
     if args.skip_gpu:
         chosen = [name for name in chosen if not build_book.gpu_notebook(name)]
     fingerprint = library_fingerprint()
@@ -555,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     book, grid = sub.choices["book"], sub.choices["grid"]
     book.add_argument("--only", help="only notebooks whose path (notebooks/part/name.ipynb) matches this glob")
     book.add_argument("--no-build", action="store_true", help="execute only; skip jupyter-book")
+    book.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave out notebooks matching this")
     book.add_argument("--skip-gpu", action="store_true", help="leave out the notebooks that declare a GPU")
     book.add_argument("--record", action="store_true",
                       help="with -p fast False: record each pass in book/paper-scale-runs.json (commit it)")
