@@ -258,6 +258,7 @@ def run_jobs(ray, kind: str, jobs: list[Job], *, retries: int = 1, cache: Path =
             submit(job)
         else:
             failed.append({**record, "label": job.label, "attempts": attempts[job.key]})
+            bar.write(f"failed {job.label}: {record.get('error', '')[:300]}")
             bar.update(1)
     bar.close()
     return results, failed
