@@ -137,7 +137,7 @@ def test_weight_sweep_rows_equal_the_cli_run_per_model(cluster, tmp_path):
 
 
 def test_unknown_source_fails_that_source_only(cluster, tmp_path):
-    code = ray_runner.main(["weights", "minilm", str(tmp_path / "no-such-model"), "--retries", "0", "--quiet",
+    code = ray_runner.main(["weights", "minilm", str(tmp_path / "no-such-model"), "--quiet",
                             "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
     assert code == 1
     with (tmp_path / "heads.csv").open() as handle:

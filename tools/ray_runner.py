@@ -205,6 +205,7 @@ def heads_profile(payload: dict) -> dict:
               "status": "ok" if done.returncode == 0 else "failed", "node": os.uname().nodename}
     if done.returncode != 0:
         record["error"] = "\n".join(done.stderr.strip().splitlines()[-3:])
+        record["retry"] = done.returncode != 2  # 2: the CLI refused the source; asking again changes nothing
         return {"record": record}
     return {"record": record, "profile": json.loads(done.stdout)}
 
