@@ -63,7 +63,10 @@ def test_page_renders_tables_trends_and_figure(tmp_path):
     assert "epochs 10 → 40: 0.450 → 1.800 (sd ≤ 0.010): toward the paper's" in text
     # ViT delta_gc for ReLU over the three seeds of the CI point: 0.0, 0.1, 0.2
     assert f"ReLU 0.100 ± {statistics.stdev([0.0, 0.1, 0.2]):.3f}" in text
-    assert "| CI point | 1/18 | 0/18 |" in text.replace("1/18", "1/18")
+    assert "| CI point | 1/18 | 0/18 |" in text
+    # synthetic ViT delta_gc: SiLU 0.2 (accepted, as the paper), ReLU mean 0.1 (accepted, the paper rejects)
+    assert "CI point: Level 3 Degenerate in 1 of 36 CNN and Mixer runs (the paper: all); ViT verdicts at " \
+        "τ_gc = 0.3 match the paper's in 1 of 2" in text
 
 
 def test_page_without_study_says_so(tmp_path):

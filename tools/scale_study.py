@@ -188,6 +188,27 @@ def e4_trend(study: dict) -> list[str]:
     return lines
 
 
+#: The paper's ViT verdicts (E.1.6) that are a clear accept or reject (LeakyReLU, "partial", is left out),
+#: and the notebook's default threshold tau_gc on delta_gc.
+PAPER_VIT_VERDICTS = {"SiLU": True, "Mish": True, "ReLU": False, "GELU": False, "Softplus": False}
+TAU_GC = 0.3
+
+
+def e15_trend(study: dict) -> list[str]:
+    """Per setting: Level-3 Degenerate counts (the paper: all) and how many of the paper's clear ViT verdicts
+    the seed-mean delta_gc reproduces at the notebook's tau_gc."""
+    lines = []
+    for setting, points in e15_groups(study).items():
+        runs = sum(p["values"]["runs_per_arch"] for p in points)
+        degenerate = sum(p["values"]["degenerate_cnn"] + p["values"]["degenerate_mixer"] for p in points)
+        means = {name: statistics.fmean(p["values"]["delta_gc"][name] for p in points) for name in PAPER_VIT_VERDICTS
+                 if name in points[0]["values"]["delta_gc"]}
+        match = sum((means[name] <= TAU_GC) == accept for name, accept in PAPER_VIT_VERDICTS.items() if name in means)
+        lines.append(f"{setting}: Level 3 Degenerate in {degenerate} of {2 * runs} CNN and Mixer runs (the "
+                     f"paper: all); ViT verdicts at τ_gc = {TAU_GC} match the paper's in {match} of {len(means)}")
+    return lines
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -237,6 +258,7 @@ def render(study: dict, figure_name: str) -> str:
     e15 = markdown_table(["setting", "Level 3 Degenerate, CNN", "Level 3 Degenerate, Mixer", "min NC1, mean ± sd",
                           "ViT $\\delta_{gc}$ by activation, mean ± sd over seeds", "seeds"], e15_rows(study))
     trend = "\n".join(f"* {line}" for line in e4_trend(study)) or "* (no axis finished)"
+    e15_lines = "\n".join(f"* {line}" for line in e15_trend(study))
     failed = "".join(f"\n* not finished: {f['label']} ({f['error'][:120]})" for f in study["failed"])
     return f"""Run {study['date']} on {study['machine']}, {study['wall_seconds']:.0f} s wall in all, by
 `{study['command']}` (the data are in `book/scale-study/study.json`).{failed}
@@ -273,6 +295,8 @@ Along each axis, from the CI point to the largest setting run (the paper's value
 Ours on Fashion-MNIST (the notebook's data set, not the paper's CIFAR-10), three seeds per setting.
 
 {e15}
+
+{e15_lines}
 """
 
 
