@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -202,3 +203,39 @@ def test_paper_scale_record_and_its_table(tmp_path):
     assert "| {doc}`/notebooks/lightning/deep-dimension` | not yet |" in table
     # --record only makes sense at fast = False: refused before anything is staged or run
     assert ray_runner.main(["book", "--record", "--no-build", "--only", "nothing"]) == 2
+
+
+def test_a_killed_worker_takes_its_notebook_kernel_with_it(cluster, tmp_path):
+    """Ray kills workers (memory monitor, cancel); the papermill process and the kernel under it must not live
+    on as orphans that hold memory and cores."""
+    pid_file = tmp_path / "kernel.pid"
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(f"pid_file = {str(pid_file)!r}", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import os, pathlib, time\n"
+            "papermill = os.getppid()\n"
+            "worker = int(open(f'/proc/{papermill}/stat').read().rsplit(')', 1)[1].split()[1])\n"
+            "pathlib.Path(pid_file).write_text(f'{os.getpid()} {worker}')\n"
+            "time.sleep(120)"),
+    ])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    payload = {"name": "sleeps", "notebook": nbformat.writes(notebook), "parameters": {"pid_file": str(pid_file)},
+               "siblings": {}, "threads": 1}
+    ref = cluster.remote(ray_runner.execute_notebook).options(max_retries=0).remote(payload)
+    deadline = time.time() + 180
+    while not pid_file.exists() and time.time() < deadline:
+        ready, _ = cluster.wait([ref], timeout=0.5)
+        if ready:
+            pytest.fail(f"the task ended before its kernel started: {cluster.get(ref)['record']}")
+    kernel, worker = map(int, pid_file.read_text().split())
+    os.kill(worker, signal.SIGKILL)  # as Ray's memory monitor kills a worker
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(kernel, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(kernel, 9)
+        pytest.fail("the kernel outlived its Ray worker by 20 s")

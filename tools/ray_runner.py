@@ -138,11 +138,23 @@ class Job:
 KERNEL_DEATHS = {"DeadKernelError", "CellTimeoutError"}
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the Ray worker that started us dies (Linux). Ray's memory
+    monitor kills workers; without this their papermill (and its kernel, which exits when papermill does)
+    went on computing as orphans, holding memory and cores."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to do
+        pass
+
+
 def run_with_timeout(cmd: list[str], env: dict, timeout: float | None) -> subprocess.CompletedProcess:
     """Run ``cmd``; past ``timeout`` seconds kill its whole process group (papermill and its kernel) and
     return code -1, so that no orphaned kernel keeps computing."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          start_new_session=True) as process:
+                          start_new_session=True, preexec_fn=_die_with_parent) as process:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
