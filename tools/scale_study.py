@@ -49,11 +49,12 @@ DESIGNS = {
 PAPER = {"table-e4": {"mean": 1.461, "sd": 0.075}, "e15": {"degenerate": "18/18", "vit_gc": "SiLU, Mish accepted"}}
 
 
-def design_points(design: dict) -> list[dict]:
-    """The CI point, then each axis value with the others at the CI point; each at every seed."""
+def design_points(design: dict, levels: int | None = None) -> list[dict]:
+    """The CI point, then each axis value (the first ``levels`` of each axis) with the others at the CI
+    point; each at every seed."""
     settings = [dict(design["base"])]
     for name, values in design["axes"].items():
-        settings += [{**design["base"], name: value} for value in values]
+        settings += [{**design["base"], name: value} for value in values[:levels]]
     return [{**setting, "seed": seed} for setting in settings for seed in design["seeds"]]
 
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     fingerprint = ray_runner.library_fingerprint()
     jobs = []
     for study, design in DESIGNS.items():
-        for point in design_points(design):
+        for point in design_points(design, args.levels):
             # on CPUs by design: the study asks how far a 2-core machine moves the numbers
             job = ray_runner.notebook_job(ROOT / design["notebook"], point, fingerprint, cpu_only=True,
                                           timeout=args.timeout)
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     study = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "machine": where,
-        "command": "python tools/scale_study.py run" + (f" --address {args.address}" if args.address else ""),
+        "command": "python tools/scale_study.py run" + (f" --levels {args.levels}" if args.levels else "")
+        + (f" --address {args.address}" if args.address else ""),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "designs": DESIGNS,
         "points": points,
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     go.add_argument("--address")
     go.add_argument("--num-cpus", type=int)
     go.add_argument("--timeout", type=float, default=1800, help="seconds per point (default 1800)")
+    go.add_argument("--levels", type=int, help="only the first N larger values of each axis (default: all)")
     go.add_argument("--retries", type=int, default=1)
     go.add_argument("--cache", type=Path, default=ray_runner.CACHE)
     page = sub.add_parser("page")
