@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         rows = ray_runner.rows_of(out["notebook"], DESIGNS[study]["notebook"])
         points.append({"study": study, "parameters": point, "seconds": out["record"]["seconds"],
                        "values": point_values(study, rows)})
-    where = f"Ray cluster at {args.address}" if args.address else f"local Ray, {build_book.machine()}"
+    where = (f"Ray cluster at {args.address}, driver on " if args.address else "local Ray on ") + build_book.machine()
     study = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "machine": where,
@@ -185,7 +185,8 @@ def e4_trend(study: dict) -> list[str]:
         moved = abs(e["mean"] - target) - abs(b["mean"] - target)
         verdict = ("toward the paper's" if moved < -spread else "away from the paper's" if moved > spread
                    else "no change beyond the seed spread")
-        lines.append(f"{name.replace('_', ' ')} {design['base'][name]} → {_axis(last, design)[1]}: "
+        label = {"per_class_train": "training images per class"}.get(name, name)
+        lines.append(f"{label} {design['base'][name]} → {_axis(last, design)[1]}: "
                      f"{b['mean']:.3f} → {e['mean']:.3f} (sd ≤ {spread:.3f}): {verdict}")
     return lines
 
