@@ -213,7 +213,7 @@ def paper_scale_lines(runs: dict[str, dict], notebooks: list[str]) -> list[str]:
     """The execution page's paper-scale table: one line per notebook, its last pass or why there is none."""
     lines = [
         "",
-        "### Last pass at paper scale",
+        "## Last pass at paper scale",
         "",
         "Each notebook's `fast = False` run: when it last passed (all its assertions held), on what, "
         "and the command that reproduces it. Those marked *needs a GPU* declare it in their front "

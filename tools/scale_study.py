@@ -274,7 +274,7 @@ def render(study: dict, figure_name: str) -> str:
   - Degenerate in all {PAPER['e15']['degenerate']} rows
 ```
 
-### Table E.4 along training length, width and data size
+## Table E.4 along training length, width and data size
 
 Ours on MNIST (the notebook's data set, not the paper's CIFAR-10); each row varies one setting from the
 CI point (10 epochs, width 64, 500 training images per class).
@@ -293,7 +293,7 @@ Along each axis, from the CI point to the largest setting run (the paper's value
 
 {trend}
 
-### E.1.5 Level-3 verdicts and the ViT gc values along training length
+## E.1.5 Level-3 verdicts and the ViT gc values along training length
 
 Ours on Fashion-MNIST (the notebook's data set, not the paper's CIFAR-10), three seeds per setting.
 
