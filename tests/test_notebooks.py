@@ -16,6 +16,7 @@ import jupytext
 import nbformat
 import pytest
 import yaml
+from papermill.translators import PythonTranslator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -231,6 +232,17 @@ def parameters_problems(notebook, require_scale: bool = True) -> list[str]:
         problems.append("the paper scale must be one edit away: an `if not fast:` branch after the parameters cell, or paper-scale values in comments")
     if "resolve_device(device)" not in later:
         problems.append("resolve the device parameter with flagcore.resolve_device(device) (picks the GPU when present)")
+    # What papermill itself reads (``papermill --help-notebook``, the names it accepts with -p): its parser
+    # skips a line whose comment holds a second "=", so every assigned name must come back, with help text
+    # that gives the paper-scale value (issue 15).
+    inferred = {p.name: p.help for p in PythonTranslator.inspect(cell)}
+    unread = sorted(set(assigned) - set(inferred))
+    if unread:
+        problems.append(f"papermill cannot read parameters {unread} (a second '=' in the comment?)")
+    if require_scale:
+        undocumented = sorted(name for name, text in inferred.items() if "paper scale:" not in text)
+        if undocumented:
+            problems.append(f"papermill's help gives no paper-scale value for {undocumented}")
     return problems
 
 
@@ -250,6 +262,7 @@ def test_parameters_cell(source):
         (lambda s: s.replace(":tags: [parameters]", ":tags: []", 1), "exactly one cell tagged"),
         (lambda s: s.replace("DEVICE = resolve_device(device)", "DEVICE = torch.device(device)", 1), "resolve_device"),
         (lambda s: s.replace("; paper scale: False", "", 1), "next to `fast`"),
+        (lambda s: s.replace("seed = 0", "seed = 0  # x = 1", 1), "papermill cannot read"),
     ],
 )
 def test_parameters_check_catches_bad_cells(edit, problem):
@@ -268,7 +281,9 @@ def test_paper_scale_check_needs_a_branch_or_documented_knobs():
     notebook = jupytext.reads(stripped, fmt="md:myst")
     cell = _tagged(notebook, "parameters")[0]
     cell.source += "\nextra_knob = 3"
-    assert any("one edit away" in p for p in parameters_problems(notebook))
+    problems = parameters_problems(notebook)
+    assert any("one edit away" in p for p in problems)
+    assert any("no paper-scale value for ['extra_knob']" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=_ids(NOTEBOOKS))
