@@ -143,35 +143,72 @@ def _whiten_blocks(G: Tensor, M: Tensor) -> Tensor:
     return (M @ left.transpose(-1, -2).reshape(*batch, H, k, n)).reshape(*batch, n, n).transpose(-1, -2)
 
 
-def _normalised_gram(W: Tensor, assume_orthonormal: bool, *, checked: bool = False) -> tuple[Tensor, int, Tensor | None]:
-    """The Gram matrix of the heads' orthonormal bases, ``[..., H*r, H*r]`` with block (i, j) = ``Q_i^T Q_j``,
-    in the working precision (float64 for float64 ``W``, else float32), its rank ``r``, and its diagonal blocks
-    ``[..., H, r, r]`` when they were already formed (else None). ``checked=True`` skips the validation of ``W``
-    (for callers that validated it already, e.g. :func:`overlap_profile`, whose weights :mod:`flagcore.weights`
-    checked for shape and finiteness).
+def _gram_groups(H: int) -> int:
+    """How many groups of heads :func:`_grouped_gram` splits ``H`` heads into: the largest divisor of ``H``
+    up to 8. ``G`` groups cost ``(G + 1) / (2G)`` of the full Gram product's arithmetic (the products below
+    the block diagonal are the transposes of those above) in ``G`` matrix products; beyond 8 the saving
+    (at most 1/16 more) no longer pays for the extra calls at the head shapes of real models."""
+    return max(g for g in range(1, min(H, 8) + 1) if H % g == 0)
 
-    Fast path (Cholesky QR, the least arithmetic beyond the one Gram product): per head,
+
+def _grouped_gram(rows: Tensor, groups: int) -> Tensor:
+    """``[..., G, n/G, n/G]``: the diagonal blocks of ``rows @ rows^T`` for ``G`` equal groups of rows."""
+    *batch, n, d = rows.shape
+    grouped = rows.reshape(*batch, groups, n // groups, d)
+    return grouped @ grouped.transpose(-1, -2)
+
+
+def _cross_group_squares(rows: Tensor, groups: int) -> Tensor:
+    """``sum_{a<b} ||R_a R_b^T||_F^2`` over the ``G`` equal groups ``R_a`` of ``rows`` ``[..., n, d]``: ``[...]``.
+
+    One product per group, with all the groups after it (contiguous row slices, no copy): half of the
+    off-diagonal part of the Gram product, which is symmetric. The products are written side by side
+    into one buffer, so the sum of squares is two operations, not two per group."""
+    *batch, n, _ = rows.shape
+    size = n // groups
+    widths = [n - (a + 1) * size for a in range(groups - 1)]
+    if not widths:
+        return rows.new_zeros(batch)
+    buffer = rows.new_empty(*batch, size * sum(widths))
+    start = 0
+    for a, width in enumerate(widths):
+        out = buffer[..., start:start + size * width].view(*batch, size, width)
+        torch.matmul(rows[..., a * size:(a + 1) * size, :], rows[..., (a + 1) * size:, :].transpose(-1, -2), out=out)
+        start += size * width
+    return buffer.square().sum(dim=-1)
+
+
+def _orthonormal_heads(W: Tensor, assume_orthonormal: bool, groups: int, *, checked: bool = False) -> tuple[Tensor, Tensor, int]:
+    """The heads' orthonormal bases as rows, ``[..., H*r, d]`` (head ``h``: rows ``h*r`` to ``(h+1)*r - 1``), in the
+    working precision (float64 for float64 ``W``, else float32); the diagonal blocks of their Gram matrix for
+    ``groups`` equal groups of heads (:func:`_grouped_gram`; ``groups=1``: the whole Gram, block (i, j) =
+    ``Q_i^T Q_j``); and the rank ``r``. ``checked=True`` skips the validation of ``W`` (for callers that
+    validated it already, e.g. :func:`overlap_profile`, whose weights :mod:`flagcore.weights` checked for
+    shape and finiteness).
+
+    Fast path (Cholesky QR, the least arithmetic beyond the Gram product): per head,
     ``W_h^T W_h = L_h L_h^T`` (the small ``d_k x d_k`` Cholesky factorisation always in float64) and
     ``Q_h^T = L_h^{-1} W_h^T``, orthonormal columns spanning ``col(W_h)`` (about ``2/H`` of the Gram
-    product's arithmetic); then **one** Gram product ``F^T F`` of ``F = [Q_1 | ... | Q_H]``.
-    Orthonormalising *before* the big product keeps that product perfectly conditioned, so a float32
-    product loses no digits to ``cond(W_h)^2`` (whitening a raw float32 Gram afterwards would).
+    product's arithmetic). Orthonormalising *before* the big product keeps that product perfectly
+    conditioned, so a float32 product loses no digits to ``cond(W_h)^2`` (whitening a raw float32 Gram
+    afterwards would).
 
     Guards: Cholesky must succeed and every head must have ``cond(W_h) <= 1e4`` (certified by the cheap
     bound ``||L_h||_F ||L_h^{-1}||_F >= cond(L_h) = cond(W_h)``, else checked exactly by eigenvalues);
     otherwise the heads are rank-deficient or ill-conditioned and go through SVD bases
     (:func:`flagcore.subspace.orthonormal_basis`, whose numerical rank decides ``r``). A posteriori, the
-    diagonal blocks ``Q_h^T Q_h`` of the result must equal ``I`` to 1e-12 (float64) or 1e-5 (float32);
-    Cholesky QR loses orthogonality like ``eps cond(W_h)^2``, and when it did, a second Cholesky pass on
-    those blocks re-whitens the Gram (CholeskyQR2: orthonormal to rounding for ``cond <= 1e4``).
+    blocks ``Q_h^T Q_h`` (inside the grouped Gram) must equal ``I`` to 1e-12 (float64) or 1e-5 (float32);
+    the float32 rows lose orthogonality like ``eps32 cond(W_h)``, and when they did (SmolLM2's heads, with
+    ``cond(W_h)`` of 10 to 100, often do), a second Cholesky pass re-orthonormalises the rows and whitens
+    the group Grams already formed (CholeskyQR2: orthonormal to rounding for ``cond <= 1e4``).
     """
     if not checked:
         W = _check_heads(W)
     *batch, H, d, k = W.shape
     work = _work_dtype(W.dtype)
     if assume_orthonormal:
-        flat = W.to(work).transpose(-1, -2).reshape(*batch, H * k, d)  # rows: the heads' basis vectors
-        return flat @ flat.transpose(-1, -2), k, None
+        rows = W.to(work).transpose(-1, -2).reshape(*batch, H * k, d)
+        return rows, _grouped_gram(rows, groups), k
     Wt = W.transpose(-1, -2).to(work)  # [..., H, k, d]: W_h^T
     L, info = torch.linalg.cholesky_ex((Wt @ Wt.transpose(-1, -2)).to(torch.float64))
     eye = torch.eye(k, dtype=torch.float64, device=W.device)
@@ -184,19 +221,22 @@ def _normalised_gram(W: Tensor, assume_orthonormal: bool, *, checked: bool = Fal
         eig = torch.linalg.eigvalsh(L @ L.transpose(-1, -2))
         fast = bool((eig[..., 0] > eig[..., -1] / _MAX_COND**2).all())
     if fast:
-        flat = (Linv.to(work) @ Wt).reshape(*batch, H * k, d)  # rows: the heads' orthonormal basis vectors
-        G = flat @ flat.transpose(-1, -2)  # the one Gram product
-        blocks = _diagonal_blocks(G, H, k)
-        if bool((blocks - eye.to(work)).abs_().amax() > _orthonormality_tol(work)):  # CholeskyQR2, on the Gram
-            L2 = torch.linalg.cholesky(blocks.to(torch.float64))
+        heads = Linv.to(work) @ Wt  # [..., H, k, d]: each head's orthonormal basis vectors as rows
+        rows = heads.reshape(*batch, H * k, d)
+        gram = _grouped_gram(rows, groups)
+        blocks = _diagonal_blocks(gram, H // groups, k)
+        if bool((blocks - eye.to(work)).abs_().amax() > _orthonormality_tol(work)):  # CholeskyQR2
+            L2 = torch.linalg.cholesky(blocks.to(torch.float64))  # [..., G, H/G, k, k]
             M = torch.linalg.solve_triangular(L2, eye.expand_as(L2), upper=False).to(work)
-            G = _whiten_blocks(G, M)
-            blocks = _diagonal_blocks(G, H, k)
-        return G, k, blocks
+            # the rows (for the products between groups, formed later) and the group Grams (already formed:
+            # whitened, not formed again) both get the second pass
+            rows = (M.reshape(*batch, H, k, k) @ heads).reshape(*batch, H * k, d)
+            gram = _whiten_blocks(gram, M)
+        return rows, gram, k
     Q = orthonormal_basis(W).to(work)
     r = Q.shape[-1]
-    flat = Q.transpose(-1, -2).reshape(*batch, H * r, d)
-    return flat @ flat.transpose(-1, -2), r, None
+    rows = Q.transpose(-1, -2).reshape(*batch, H * r, d)
+    return rows, _grouped_gram(rows, groups), r
 
 
 def overlap_matrix(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
@@ -205,10 +245,10 @@ def overlap_matrix(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     ``W``: ``[..., H, d, d_k]`` spanning matrices of the heads (any scaling; rank ``r`` = ``d_k``
     generically; rank-deficient heads are orthonormalised with :func:`flagcore.subspace.orthonormal_basis`,
     and a rank that differs between heads is an error). One Gram product per batch item, see
-    :func:`_normalised_gram`. ``O`` is symmetric with unit diagonal and entries in [0, 1].
+    :func:`_orthonormal_heads`. ``O`` is symmetric with unit diagonal and entries in [0, 1].
     """
-    gram, r, _ = _normalised_gram(W, assume_orthonormal)
-    *batch, n, _ = gram.shape
+    _, gram, r = _orthonormal_heads(W, assume_orthonormal, groups=1)
+    *batch, _, n, _ = gram.shape
     H = n // r
     return (gram.reshape(*batch, H, r, H, r).square().sum(dim=(-3, -1)) / r).to(_float_dtype(W))
 
@@ -219,19 +259,21 @@ def head_overlap(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     No loop over pairs: with ``F = [Q_1 | ... | Q_H]``, ``sum_{i,j} ||Q_i^T Q_j||_F^2 = ||F^T F||_F^2``, and
     the diagonal terms are ``||Q_i^T Q_i||_F^2`` (``= r``), so
     ``R = (||F^T F||_F^2 - sum_i ||Q_i^T Q_i||_F^2) / (r H (H-1))``. ``F^T F`` is one Gram product of the
-    heads' Cholesky-QR bases (:func:`_normalised_gram`); float64 input: float64 throughout (R agrees with
+    heads' Cholesky-QR bases (:func:`_orthonormal_heads`), formed block-triangle only (it is symmetric); float64 input: float64 throughout (R agrees with
     SVD bases to ~1e-15 for well-conditioned heads); other dtypes: the Gram product in float32 (R to ~1e-7).
     """
     return _head_overlap(W, assume_orthonormal)
 
 
 def _head_overlap(W: Tensor, assume_orthonormal: bool = False, *, checked: bool = False) -> Tensor:
-    gram, r, blocks = _normalised_gram(W, assume_orthonormal, checked=checked)
-    H = gram.shape[-1] // r
-    if blocks is None:
-        blocks = _diagonal_blocks(gram, H, r)
-    total = gram.square().sum(dim=(-2, -1))  # (not linalg.vector_norm: its float32 reduction is biased, ~1e-5 relative)
-    off_diagonal = total - blocks.square().sum(dim=(-3, -2, -1))
+    if not checked:
+        W = _check_heads(W)
+    groups = _gram_groups(W.shape[-3])
+    rows, gram, r = _orthonormal_heads(W, assume_orthonormal, groups, checked=True)
+    H = rows.shape[-2] // r
+    # (square().sum, not linalg.vector_norm: its float32 reduction is biased, ~1e-5 relative)
+    within = gram.square().sum(dim=(-3, -2, -1)) - _diagonal_blocks(gram, H // groups, r).square().sum(dim=(-4, -3, -2, -1))
+    off_diagonal = within + 2 * _cross_group_squares(rows, groups)
     return (off_diagonal / (r * H * (H - 1))).to(_float_dtype(W))
 
 

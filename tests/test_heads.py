@@ -168,7 +168,7 @@ def test_profile_of_a_tiny_model_matches_per_layer_R():
 def test_whitened_gram_fast_path_equals_svd_bases_and_falls_back_on_rank_deficiency():
     """The Cholesky-whitened raw Gram (fast path) gives the same R as explicit SVD bases; a rank-deficient
     head takes the SVD route instead of producing garbage (negative control for the fast path)."""
-    from flagcore.heads import _normalised_gram
+    from flagcore.heads import _orthonormal_heads
     from flagcore.subspace import orthonormal_basis
 
     g = torch.Generator().manual_seed(3)
@@ -177,22 +177,22 @@ def test_whitened_gram_fast_path_equals_svd_bases_and_falls_back_on_rank_deficie
     Q = orthonormal_basis(W)
     R_svd = head_overlap(Q, assume_orthonormal=True)
     assert torch.allclose(head_overlap(W), R_svd, rtol=0, atol=1e-12)
-    gram, r, _ = _normalised_gram(W, assume_orthonormal=False)
-    assert r == 6 and torch.allclose(torch.diagonal(gram), torch.ones(30, dtype=torch.float64), atol=1e-12)
+    _, gram, r = _orthonormal_heads(W, False, groups=1)
+    assert r == 6 and torch.allclose(torch.diagonal(gram[0]), torch.ones(30, dtype=torch.float64), atol=1e-12)
 
     deficient = W.clone()
     deficient[..., -1] = deficient[..., 0]  # every head has rank 5
     R_def = head_overlap(deficient)
     R_ref = head_overlap(orthonormal_basis(deficient), assume_orthonormal=True)
     assert torch.allclose(R_def, R_ref, atol=1e-12)
-    assert _normalised_gram(deficient, assume_orthonormal=False)[1] == 5
+    assert _orthonormal_heads(deficient, False, groups=1)[2] == 5
 
     zero = W.clone()
     zero[..., -1] = 0.0  # an exactly zero column: Cholesky itself fails (info > 0), so the SVD route must be taken
     assert bool((torch.linalg.cholesky_ex(zero.mT @ zero).info > 0).all())
     R_zero = head_overlap(zero)
     assert torch.allclose(R_zero, head_overlap(orthonormal_basis(zero), assume_orthonormal=True), atol=1e-12)
-    assert _normalised_gram(zero, assume_orthonormal=False)[1] == 5
+    assert _orthonormal_heads(zero, False, groups=1)[2] == 5
 
 
 def test_float32_path_orthonormalises_in_float64_and_keeps_seven_digits():
@@ -229,6 +229,44 @@ def test_second_cholesky_pass_equals_explicit_whitening(gen):
     torch.testing.assert_close(_whiten_blocks(G, M), want, rtol=1e-13, atol=1e-13)
     batched = _whiten_blocks(torch.stack([G, 2 * G]), torch.stack([M, M]))
     torch.testing.assert_close(batched[1], 2 * want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("H", [2, 7, 9, 12, 16, 32])
+def test_block_triangle_gram_equals_the_full_gram(gen, H):
+    """The off-diagonal sum of squares from G group Grams plus the products above the block diagonal
+    equals that of the full Gram product (brute force), for every divisor G of H and a batch of layers."""
+    from flagcore.heads import _cross_group_squares, _diagonal_blocks, _gram_groups, _grouped_gram
+
+    k, d = 3, 40
+    rows = torch.randn(2, H * k, d, generator=gen, dtype=torch.float64)
+    full = rows @ rows.mT
+    want = full.square().sum(dim=(-2, -1)) - _diagonal_blocks(full, H, k).square().sum(dim=(-3, -2, -1))
+    for groups in [g for g in range(1, H + 1) if H % g == 0]:
+        gram = _grouped_gram(rows, groups)
+        within = gram.square().sum(dim=(-3, -2, -1)) - _diagonal_blocks(gram, H // groups, k).square().sum(dim=(-4, -3, -2, -1))
+        torch.testing.assert_close(within + 2 * _cross_group_squares(rows, groups), want, rtol=1e-12, atol=0)
+    assert H % _gram_groups(H) == 0 and 1 <= _gram_groups(H) <= 8
+    assert _gram_groups(12) == 6 and _gram_groups(9) == 3 and _gram_groups(32) == 8 and _gram_groups(7) == 7
+
+
+def test_second_cholesky_pass_restores_orthonormality_in_float32():
+    """float32 heads with cond(W_h) = 5e3: one Cholesky-QR pass leaves ||Q^T Q - I|| ~ eps32 cond^2 above the
+    1e-5 tolerance (checked here: the negative control), so the second pass runs; its rows are orthonormal to
+    1e-5 and R agrees with float64 SVD bases of the same weights to 1e-6."""
+    from flagcore.heads import _diagonal_blocks, _orthonormal_heads
+    from flagcore.subspace import orthonormal_basis
+
+    g = torch.Generator().manual_seed(5)
+    O = torch.linalg.qr(torch.randn(4, 8, 8, generator=g, dtype=torch.float64)).Q
+    W = (torch.randn(4, 200, 8, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, 3.7, 8, dtype=torch.float64)) @ O).float()
+    Wt = W.mT
+    L = torch.linalg.cholesky((Wt @ Wt.mT).double())
+    one_pass = torch.linalg.solve_triangular(L, torch.eye(8, dtype=torch.float64).expand_as(L), upper=False).float() @ Wt
+    assert float((one_pass @ one_pass.mT - torch.eye(8)).abs().amax()) > 1e-5  # the first pass alone fails
+    rows, gram, r = _orthonormal_heads(W, False, groups=2)
+    assert r == 8 and float((_diagonal_blocks(gram, 2, 8) - torch.eye(8)).abs().amax()) <= 1e-5
+    ref = float(head_overlap(orthonormal_basis(W.double()), assume_orthonormal=True))
+    assert abs(float(head_overlap(W)) - ref) < 1e-6
 
 
 def test_finiteness_check_is_exact():
