@@ -61,7 +61,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 #: The other benchmarks run by --all: (script, its JSON name, arguments, arguments in --quick mode).
 OTHERS = [
-    ("heads.py", "heads.json", [], ["--repeat", "1", "--no-memory", "--model", "minilm"]),
+    ("heads.py", "heads.json", [], ["--repeat", "1", "--memory-quick", "--model", "minilm"]),
     ("lightning_fig3.py", "lightning_fig3.json", [], ["--deltas", "3", "4", "5", "6"]),
 ]
 
