@@ -318,12 +318,36 @@ def haar_overlap_samples(
     d: int, d_k: int, H: int, n: int, generator: torch.Generator | None = None, *, dtype: torch.dtype = torch.float64
 ) -> Tensor:
     """``[n]`` independent draws of ``R`` for ``H`` independent Haar heads (the paper's empirical baseline),
-    from :func:`flagcore.subspace.haar_frames`."""
+    from :func:`flagcore.subspace.haar_frames`.
+
+    The frames are drawn in chunks of about 64 MB, so memory stays bounded at any ``n`` (5000 draws of
+    SmolLM2's shape in one piece were 13 GB of frames; issue 15)."""
     H, n = _as_int("H", H), _as_int("n", n)
+    d, d_k = _as_int("d", d), _as_int("d_k", d_k)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    frames = haar_frames(d, d_k, n * H, generator, dtype=dtype).reshape(n, H, d, d_k)
-    return head_overlap(frames, assume_orthonormal=True)
+
+    def draw(m: int) -> Tensor:
+        frames = haar_frames(d, d_k, m * H, generator, dtype=dtype).reshape(m, H, d, d_k)
+        return head_overlap(frames, assume_orthonormal=True)
+
+    return _in_chunks(n, H * d * d_k * _itemsize(dtype), draw)
+
+
+#: Bytes of Haar frames drawn at once by the Monte-Carlo samplers (:func:`haar_overlap_samples`,
+#: :func:`haar_angle_samples`).
+_SAMPLE_CHUNK_BYTES = 64 * 2**20
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _in_chunks(n: int, bytes_per_draw: int, draw: Callable[[int], Tensor]) -> Tensor:
+    """``draw(m)`` for consecutive chunks of ``m`` draws adding up to ``n``, each about ``_SAMPLE_CHUNK_BYTES``
+    of frames, concatenated along the first dimension."""
+    step = max(1, _SAMPLE_CHUNK_BYTES // bytes_per_draw)
+    return torch.cat([draw(min(step, n - start)) for start in range(0, n, step)])
 
 
 def layout_null_samples(
@@ -482,13 +506,18 @@ def haar_angle_samples(
     """``[n, d_k]`` principal angles (ascending) between ``n`` independent pairs of Haar ``d_k``-planes in R^d.
 
     The Monte-Carlo null for :func:`pair_angles` (its quantiles per angle index are the Haar band of the
-    angle spectrum). Exact check: ``E sum_a cos^2 theta_a = d_k^2 / d``.
+    angle spectrum). Exact check: ``E sum_a cos^2 theta_a = d_k^2 / d``. Drawn in chunks of about 64 MB
+    of frames (5000 pairs at d = 2048, d_k = 64 are 10 GB in one piece).
     """
     d, d_k, n = (_as_int(k, v) for k, v in (("d", d), ("d_k", d_k), ("n", n)))
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    frames = haar_frames(d, d_k, 2 * n, generator, dtype=dtype).reshape(n, 2, d, d_k)
-    return principal_angles(frames[:, 0], frames[:, 1])
+
+    def draw(m: int) -> Tensor:
+        frames = haar_frames(d, d_k, 2 * m, generator, dtype=dtype).reshape(m, 2, d, d_k)
+        return principal_angles(frames[:, 0], frames[:, 1])
+
+    return _in_chunks(n, 2 * d * d_k * _itemsize(dtype), draw)
 
 
 def _check_square(name: str, D: Tensor) -> Tensor:

@@ -103,6 +103,19 @@ def test_haar_baseline_empirically(gen):
     assert abs(haar_overlap_samples(32, 4, 4, 3000, gen).std().item() / wrong_sd - 1) > 0.2
 
 
+def test_haar_samples_in_chunks_keep_the_law(gen, monkeypatch):
+    """Drawn in many small chunks (as a large n is), the samples keep their count, their independence
+    and the exact mean and sd of the baseline."""
+    import flagcore.heads as heads_module
+
+    monkeypatch.setattr(heads_module, "_SAMPLE_CHUNK_BYTES", 200_000)  # 10 draws of (48, 8, 6) per chunk
+    b = haar_overlap_baseline(48, 8, 6)
+    R = haar_overlap_samples(48, 8, 6, 3000, gen)
+    assert R.shape == (3000,) and len(set(R.tolist())) == 3000
+    assert abs(R.mean().item() - b.mean) < 4 * b.sd / math.sqrt(3000)
+    assert abs(R.std().item() / b.sd - 1) < 0.1
+
+
 def test_random_init_gpt2_shaped_weights_sit_at_the_baseline(gen):
     """Spec Test A.16 item 1: i.i.d. N(0, 0.02^2) c_attn query blocks, 12 layers x 12 heads, d = 768: mean R =
     1/12 within 4 standard errors (sd/sqrt(12) = 6e-5), every layer within 5 sd."""

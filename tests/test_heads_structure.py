@@ -142,6 +142,18 @@ def test_haar_angles_mean_overlap(d, k, gen):
         haar_angle_samples(d, k, 0, gen)
 
 
+def test_haar_angles_in_chunks_keep_the_law(gen, monkeypatch):
+    """Drawn in many small chunks (as 5000 pairs at d = 2048 are), the angles keep their shape, their
+    independence and the exact mean overlap k^2/d."""
+    import flagcore.heads as heads_module
+
+    monkeypatch.setattr(heads_module, "_SAMPLE_CHUNK_BYTES", 2 * 30 * 5 * 8 * 7)  # 7 pairs per chunk
+    theta = haar_angle_samples(30, 5, 2000, gen)
+    s = theta.cos().square().sum(-1)
+    assert theta.shape == (2000, 5) and len(set(s.tolist())) == 2000
+    assert abs(s.mean().item() - 25 / 30) < 5 * s.std().item() / math.sqrt(2000)
+
+
 # --------------------------------------------------------------------------- synthetic constructions
 
 
