@@ -92,8 +92,14 @@ def _ratio_table(cases: dict) -> list[str]:
                     comments.append(
                         f"- **{name}**: {_fmt(value)}× misses the target {op} {bound} (timed cold, interleaved with the "
                         "floor" + (f"; back to back with warm caches the same run measured {_fmt(warm)}×" if warm else "")
-                        + "). The exact per-head orthonormalisation costs more than the floor's single Gram product "
-                        "per layer; a shortcut (whitening the raw Gram) would lose digits in float32 and was rejected. "
+                        + "). Beyond the floor's Gram product (which ours forms block-triangle only, about half of "
+                        "it), each layer costs the exact per-head orthonormalisation (two products of 1/H of a Gram each) "
+                        "and about twenty small tensor operations (Cholesky factors, the conditioning and "
+                        "orthonormality checks, reductions) whose fixed cost does not shrink with the layer: it "
+                        "dominates for small layers and vanishes for large ones (compare the rows of different "
+                        "models). Whitening the raw Gram instead would lose digits in float32 and was rejected; "
+                        "batching several layers into one call was tried and was slower (torch's batched product "
+                        "of square matrices of this size is slower than a loop on this CPU). "
                         "The quick tier times a single round, so on a busy machine this ratio is noisy; `make bench` "
                         "reports the best of several rounds."
                     )
