@@ -67,7 +67,7 @@ notebooks: $(STAMP) $(MATHJAX)
 	HF_HUB_OFFLINE=1 $(BIN)/python tools/build_book.py --jobs 2 --no-build
 
 test: $(STAMP) $(MATHJAX)  # MathJax: the browser-check tests render a real equation
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --durations=25
 
 # The paper-scale tier: each notebook that does not declare a GPU, with fast = False, as a task on a local Ray
 # instance (RAY_ADDRESS=HOST:PORT for a cluster); each pass is recorded in book/paper-scale-runs.json (commit
