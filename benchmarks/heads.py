@@ -23,7 +23,8 @@ Results go to ``_build/bench/heads.json`` unless ``--json`` names another file.
    a fresh subprocess from /proc/self/status: the true peak (VmHWM) and, after each layer, anonymous
    (RssAnon) vs file-backed (RssFile) resident memory, against the size of one layer's query weight
    (fp32) and of one layer's attention weights. ``--memory-quick`` (the quick tier) writes 4 layers and
-   a 32k vocabulary instead (~0.6 GB), so every build of the book has the per-layer trace. See :func:`streamed_peak_memory` for why
+   a 32k vocabulary instead (~0.6 GB), so every build of the book has the per-layer trace.
+   See :func:`streamed_peak_memory` for why
    ``ru_maxrss`` (the source of an earlier "1.6 GB" figure) is the wrong measure here.
 """
 
@@ -242,7 +243,8 @@ def streamed_peak_memory(root: Path, total: int, layer_attn: int, written: float
         "peak_over_one_layer_query_x": hwm_growth / q_fp32, "peak_over_checkpoint": hwm_growth / total,
         "mean_R": sum(out["R"]) / len(out["R"]), "baseline": out["baseline"],
         # per layer, growth over the resident set before the profile (bytes): the figure on the performance page
-        "trace": [{"layer": t["layer"], **{f"{k}_growth_bytes": (t[k] - out["before"][k]) * kib for k in ("VmHWM", "RssAnon", "RssFile")}}
+        "trace": [{"layer": t["layer"],
+                   **{f"{k}_growth_bytes": (t[k] - out["before"][k]) * kib for k in ("VmHWM", "RssAnon", "RssFile")}}
                   for t in out["trace"]],
     }
 

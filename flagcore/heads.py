@@ -259,8 +259,9 @@ def head_overlap(W: Tensor, *, assume_orthonormal: bool = False) -> Tensor:
     No loop over pairs: with ``F = [Q_1 | ... | Q_H]``, ``sum_{i,j} ||Q_i^T Q_j||_F^2 = ||F^T F||_F^2``, and
     the diagonal terms are ``||Q_i^T Q_i||_F^2`` (``= r``), so
     ``R = (||F^T F||_F^2 - sum_i ||Q_i^T Q_i||_F^2) / (r H (H-1))``. ``F^T F`` is one Gram product of the
-    heads' Cholesky-QR bases (:func:`_orthonormal_heads`), formed block-triangle only (it is symmetric); float64 input: float64 throughout (R agrees with
-    SVD bases to ~1e-15 for well-conditioned heads); other dtypes: the Gram product in float32 (R to ~1e-7).
+    heads' Cholesky-QR bases (:func:`_orthonormal_heads`), formed block-triangle only (it is symmetric);
+    float64 input: float64 throughout (R agrees with SVD bases to ~1e-15 for well-conditioned heads); other
+    dtypes: the Gram product in float32 (R to ~1e-7).
     """
     return _head_overlap(W, assume_orthonormal)
 

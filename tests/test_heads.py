@@ -271,7 +271,8 @@ def test_second_cholesky_pass_restores_orthonormality_in_float32():
 
     g = torch.Generator().manual_seed(5)
     O = torch.linalg.qr(torch.randn(4, 8, 8, generator=g, dtype=torch.float64)).Q
-    W = (torch.randn(4, 200, 8, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, 3.7, 8, dtype=torch.float64)) @ O).float()
+    scales = torch.diag(torch.logspace(0, 3.7, 8, dtype=torch.float64))
+    W = (torch.randn(4, 200, 8, generator=g, dtype=torch.float64) @ scales @ O).float()
     Wt = W.mT
     L = torch.linalg.cholesky((Wt @ Wt.mT).double())
     one_pass = torch.linalg.solve_triangular(L, torch.eye(8, dtype=torch.float64).expand_as(L), upper=False).float() @ Wt

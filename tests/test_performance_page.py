@@ -118,6 +118,7 @@ def test_memory_trace_becomes_a_numbered_figure(tmp_path):
     text = "\n".join(lines)
     assert (tmp_path / performance_page.MEMORY_FIGURE).stat().st_size > 10_000
     assert f"```{{figure}} {performance_page.MEMORY_FIGURE}" in text and ":name: fig-performance-memory" in text
-    assert "76 MiB" in text and "4.75 times" in text and "12.9% of the checkpoint" in text and "(Llama-3.2-1B-shaped, 4 layers; 589 MiB)" in text
+    assert "76 MiB" in text and "4.75 times" in text and "12.9% of the checkpoint" in text
+    assert "(Llama-3.2-1B-shaped, 4 layers; 589 MiB)" in text
     assert performance_page._memory_figure({"x": {k: v for k, v in row.items() if k != "trace"}}, tmp_path) == []
     assert performance_page._memory_figure({"x": row}, None) == []
