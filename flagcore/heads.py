@@ -163,19 +163,26 @@ def _cross_group_squares(rows: Tensor, groups: int) -> Tensor:
 
     One product per group, with all the groups after it (contiguous row slices, no copy): half of the
     off-diagonal part of the Gram product, which is symmetric. The products are written side by side
-    into one buffer, so the sum of squares is two operations, not two per group."""
+    into one buffer, so the sum of squares is two operations, not two per group. A batch gets one batched
+    product per group instead (a batched product cannot write into such a buffer without a slow copy)."""
     *batch, n, _ = rows.shape
     size = n // groups
+    if batch:
+        total = rows.new_zeros(batch)
+        for a in range(groups - 1):
+            block = rows[..., a * size:(a + 1) * size, :] @ rows[..., (a + 1) * size:, :].transpose(-1, -2)
+            total = total + block.square().sum(dim=(-2, -1))
+        return total
     widths = [n - (a + 1) * size for a in range(groups - 1)]
     if not widths:
-        return rows.new_zeros(batch)
-    buffer = rows.new_empty(*batch, size * sum(widths))
+        return rows.new_zeros(())
+    buffer = rows.new_empty(size * sum(widths))
     start = 0
     for a, width in enumerate(widths):
-        out = buffer[..., start:start + size * width].view(*batch, size, width)
-        torch.matmul(rows[..., a * size:(a + 1) * size, :], rows[..., (a + 1) * size:, :].transpose(-1, -2), out=out)
+        out = buffer[start:start + size * width].view(size, width)
+        torch.mm(rows[a * size:(a + 1) * size], rows[(a + 1) * size:].T, out=out)
         start += size * width
-    return buffer.square().sum(dim=-1)
+    return buffer.square().sum()
 
 
 def _orthonormal_heads(W: Tensor, assume_orthonormal: bool, groups: int, *, checked: bool = False) -> tuple[Tensor, Tensor, int]:

@@ -258,6 +258,8 @@ def test_block_triangle_gram_equals_the_full_gram(gen, H):
         gram = _grouped_gram(rows, groups)
         within = gram.square().sum(dim=(-3, -2, -1)) - _diagonal_blocks(gram, H // groups, k).square().sum(dim=(-4, -3, -2, -1))
         torch.testing.assert_close(within + 2 * _cross_group_squares(rows, groups), want, rtol=1e-12, atol=0)
+        single = _cross_group_squares(rows[1], groups)  # one layer: the buffered path
+        torch.testing.assert_close(single, _cross_group_squares(rows, groups)[1], rtol=1e-12, atol=0)
     assert H % _gram_groups(H) == 0 and 1 <= _gram_groups(H) <= 8
     assert _gram_groups(12) == 6 and _gram_groups(9) == 3 and _gram_groups(32) == 8 and _gram_groups(7) == 7
 
