@@ -230,6 +230,23 @@ class NeuralCollapse:
     nc4: float  # fraction of samples where argmax logits ≠ nearest class mean
 
 
+def _nc1(within: Tensor, M: Tensor) -> float:
+    """``tr(Σ_W Σ_B⁺) / C`` from the centred features ``within`` ``[N, p]`` and the class means ``M`` ``[p, C]``.
+
+    With the thin SVD ``M = U S Vᵀ``, ``Σ_B = U (S²/C) Uᵀ``, so the trace is ``Σ_i ||within u_i||² / (N s_i²)``
+    over the kept directions: the cutoff of ``pinv(Σ_B, hermitian=True)`` (``s_i² > p·eps·s_1²``). Not
+    ``pinv`` of the ``p × p`` matrix ``Σ_B`` itself: it has rank at most ``C − 1``, and LAPACK's
+    divide-and-conquer eigensolver failed to converge on such a matrix (width 256, the E.1 scale study).
+    """
+    N, p = within.shape
+    U, s, _ = torch.linalg.svd(M, full_matrices=False)
+    keep = s.square() > p * torch.finfo(s.dtype).eps * s[0].square()
+    if not bool(keep.any()):  # all class means equal: no between-class spread, NC1 undefined (not 0)
+        return math.nan
+    U, s = U[:, keep], s[keep]
+    return float(((within @ U).square().sum(0) / s.square()).sum() / N)
+
+
 def neural_collapse_metrics(H: Tensor, y: Tensor, W: Tensor, logits: Tensor | None = None) -> NeuralCollapse:
     """NC1–NC4 (Papyan, Han & Donoho 2020), in the normalisation of Zhu et al. (2021):
 
@@ -258,9 +275,7 @@ def neural_collapse_metrics(H: Tensor, y: Tensor, W: Tensor, logits: Tensor | No
     mu_G = mu.mean(0)
     M = (mu - mu_G).mT  # [p, C]
     within = H - mu[y]
-    Sigma_W = within.mT @ within / N
-    Sigma_B = M @ M.mT / C
-    nc1 = float(torch.trace(Sigma_W @ torch.linalg.pinv(Sigma_B, hermitian=True)) / C)
+    nc1 = _nc1(within, M)
     norms = M.norm(dim=0)
     nc2_equinorm = float(norms.std() / norms.mean())
     unit = M / norms

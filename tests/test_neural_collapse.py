@@ -239,3 +239,28 @@ def test_e1_diagnostics_agrees_with_its_parts_and_checks_the_layer():
         nc.e1_diagnostics(H, W, torch.rand(13, dtype=F64))
     with pytest.raises(ValueError, match="wrong layer"):
         nc.e1_diagnostics(H, torch.randn(4, 13, dtype=F64), D2)
+
+
+def test_nc1_matches_a_pseudoinverse_oracle_at_width_256_and_is_undefined_when_the_means_coincide():
+    """NC1 from the class means' SVD (not an eigensolver on the rank-(C-1) p x p Sigma_B, which LAPACK's
+    divide-and-conquer once failed to converge on at width 256): against scipy's pinvh of Sigma_B, on
+    features far wider than C, at two feature scales (the cutoff is relative)."""
+    import scipy.linalg
+
+    for scale in (1.0, 1e-6):
+        H, y, W = _collapsed(C=10, p=256, per_class=40, noise=0.5, g=_gen(11))
+        H = H * scale
+        Hn, yn = H.numpy(), y.numpy()
+        mus = np.stack([Hn[yn == c].mean(0) for c in range(10)])
+        centred = Hn - mus[yn]
+        Sw = centred.T @ centred / len(Hn)
+        Sb = (mus - mus.mean(0)).T @ (mus - mus.mean(0)) / 10
+        oracle = np.trace(Sw @ scipy.linalg.pinvh(Sb)) / 10
+        out = nc.neural_collapse_metrics(H, y, W).nc1
+        assert abs(out - oracle) < 1e-9 * oracle, (scale, out, oracle)
+    # every class with the same mean: no between-class spread, so NC1 is undefined, never a perfect 0
+    # (every class holds the same 30 feature vectors, so the class means are equal bit for bit)
+    H, y, W = _collapsed(C=4, p=10, per_class=30, noise=0.3, g=_gen(12))
+    same = H[:30].repeat(4, 1)
+    assert math.isnan(nc.neural_collapse_metrics(same, y, W).nc1)
+    assert nc.neural_collapse_metrics(H, y, W).nc1 > 0  # control: the same features with distinct means
