@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         "points": points,
         "failed": [{"label": f["label"], "error": f.get("error", "")[:300]} for f in failed],
     }
+    if args.note:
+        study["note"] = args.note
     path = ROOT / STUDY_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(study, indent=1) + "\n")
@@ -263,8 +265,9 @@ def render(study: dict, figure_name: str) -> str:
     trend = "\n".join(f"* {line}" for line in e4_trend(study)) or "* (no axis finished)"
     e15_lines = "\n".join(f"* {line}" for line in e15_trend(study))
     failed = "".join(f"\n* not finished: {f['label']} ({f['error'][:120]})" for f in study["failed"])
+    note = f" {study['note']}" if study.get("note") else ""
     return f"""Run {study['date']} on {study['machine']}, {study['wall_seconds']:.0f} s wall in all, by
-`{study['command']}` (the data are in `book/scale-study/study.json`).{failed}
+`{study['command']}` (the data are in `book/scale-study/study.json`).{note}{failed}
 
 ```{{list-table}}
 :header-rows: 0
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     go.add_argument("--levels", type=int, help="only the first N larger values of each axis (default: all)")
     go.add_argument("--retries", type=int, default=1)
     go.add_argument("--cache", type=Path, default=ray_runner.CACHE)
+    go.add_argument("--note", help="a fact about the run that its numbers need (shown on the page), e.g. other load")
     page = sub.add_parser("page")
     page.add_argument("--stage", type=Path, default=build_book.STAGE)
     args = parser.parse_args(argv)
