@@ -52,9 +52,11 @@ __all__ = [
 # --------------------------------------------------------------------------- per-head weights
 
 
-def _role_heads(role: str, source, layers, dtype, repeat: bool = False, contiguous: bool = True) -> Iterator[tuple[int, Tensor]]:
+def _role_heads(
+    role: str, source, layers, dtype, repeat: bool = False, contiguous: bool = True, check_finite: bool = True
+) -> Iterator[tuple[int, Tensor]]:
     src = open_source(source)
-    for layer, heads in iter_layers(src, layers, (role,), dtype=dtype, contiguous=contiguous):
+    for layer, heads in iter_layers(src, layers, (role,), dtype=dtype, contiguous=contiguous, check_finite=check_finite):
         W = heads[role]
         yield layer, (repeat_kv(W, src.dims.n_heads) if repeat else W)
 
@@ -285,6 +287,80 @@ def _head_overlap(W: Tensor, assume_orthonormal: bool = False, *, checked: bool 
     return (off_diagonal / (r * H * (H - 1))).to(_float_dtype(W))
 
 
+#: :func:`overlap_profile` computes consecutive layers of equal shape together while their query weights (in the
+#: working precision) total at most this: a small model's layers share one set of small operations (the
+#: Cholesky guards, checks and reductions, which cost as much as the products at MiniLM's size), a large
+#: model's layer (16 MB at Llama-3.2-1B's shape) still streams alone, so the peak memory stays ~ one layer.
+_LAYER_CHUNK_BYTES = 8 * 2**20
+
+
+def _overlap_of_layers(Ws: Sequence[Tensor], *, exact_gram: bool = False) -> list[float]:
+    """``R`` of each layer in ``Ws`` (each ``[H, d, d_k]``, one shape; shapes checked by the caller, finiteness
+    not: a NaN or Inf fails the Cholesky guard below, and such a layer goes through :func:`_head_overlap`,
+    which raises).
+
+    The method of :func:`_head_overlap` (Cholesky QR of each head, then the block upper triangle of the Gram
+    product of the orthonormal rows), organised for a profile of many small layers: the products run one
+    layer at a time (no copy of the weights into a batch), while everything small runs once for all the
+    layers (the per-head Grams are written into one tensor, factorised and certified together; the checks
+    and reductions read shared buffers). At MiniLM's size those small operations cost as much as the
+    products, so doing them once per chunk instead of once per layer is most of the saving.
+
+    A layer that fails a guard is redone alone, so each keeps the guarantees of :func:`_head_overlap`:
+    well-conditioned heads whose float32 rows missed orthonormality (float32 rounding of the head Grams,
+    ~eps32 cond(W_h)^2) once more with float64 head Grams (``exact_gram``); ill-conditioned or
+    rank-deficient heads, and NaN/Inf, through :func:`_head_overlap` itself (SVD bases, or the error).
+    """
+    H, d, k = Ws[0].shape
+    work = _work_dtype(Ws[0].dtype)
+    n, groups = H * k, _gram_groups(H)
+    size = n // groups
+    Wts = [W.transpose(-1, -2).to(work) for W in Ws]  # [H, k, d]: W_h^T
+    if exact_gram:  # float64 per-head Grams: Cholesky QR then loses ~eps32 cond(W_h), not eps32 cond(W_h)^2
+        grams = torch.stack([(lambda X: X @ X.transpose(-1, -2))(Wt.to(torch.float64)) for Wt in Wts])
+    else:
+        grams = Wts[0].new_empty(len(Ws), H, k, k)
+        for Wt, out in zip(Wts, grams):
+            torch.matmul(Wt, Wt.transpose(-1, -2), out=out)
+    L, info = torch.linalg.cholesky_ex(grams.to(torch.float64))
+    eye = torch.eye(k, dtype=torch.float64, device=L.device)
+    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    cond_bound = torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(Linv)  # >= cond(W_h); NaN for NaN/Inf input
+    fast = ((info == 0) & (cond_bound <= _MAX_COND)).all(dim=-1).tolist()
+    Linv = Linv.to(work)
+    # One layer's upper block triangle, group row a holding rows_a @ rows_{a..}^T: the group's Gram and its products
+    # with the groups after it, written by one product per group. Zeroed once, so the block lower triangle (never
+    # written) adds nothing to its sum of squares; reused by every layer (it stays in cache, allocated once).
+    upper = Wts[0].new_zeros(groups, size, n)
+    group_diagonal = torch.diagonal(upper.view(groups, size, groups, size), dim1=0, dim2=2).movedim(-1, 0)  # [G, s, s]
+    group_grams = Wts[0].new_empty(len(Ws), groups, size, size)  # (entries of a layer off the fast path: unused)
+    upper_squares = Wts[0].new_zeros(len(Ws))
+    for i, Wt in enumerate(Wts):
+        if not fast[i]:
+            continue
+        rows = (Linv[i] @ Wt).reshape(n, d)  # each head's orthonormal basis vectors as rows
+        for a in range(groups):
+            torch.mm(rows[a * size:(a + 1) * size], rows[a * size:].T, out=upper[a, :, a * size:])
+        group_grams[i].copy_(group_diagonal)
+        torch.sum(upper.square_(), dim=(0, 1, 2), out=upper_squares[i])
+    blocks = _diagonal_blocks(group_grams, H // groups, k)  # [L, G, H/G, k, k]: Q_h^T Q_h
+    orthonormal = ((blocks - eye.to(work)).abs_().amax(dim=(-4, -3, -2, -1)) <= _orthonormality_tol(work)).tolist()
+    # sum over ordered pairs of distinct heads = twice the block upper triangle's squares, less the group Grams
+    # (counted once) and the heads' own blocks
+    group_squares = group_grams.square().sum(dim=(-3, -2, -1))
+    off_diagonal = 2 * upper_squares - group_squares - blocks.square().sum(dim=(-4, -3, -2, -1))
+    R = (off_diagonal / (k * H * (H - 1))).tolist()
+    out = []
+    for i, W in enumerate(Ws):
+        if fast[i] and orthonormal[i]:
+            out.append(R[i])
+        elif fast[i] and not exact_gram and work != torch.float64:
+            out += _overlap_of_layers([W], exact_gram=True)  # well-conditioned but float32 rounding showed: once more
+        else:
+            out.append(float(_head_overlap(W)))  # ill-conditioned, rank-deficient, NaN/Inf: the guarded path (raises)
+    return out
+
+
 # --------------------------------------------------------------------------- Haar baseline
 
 
@@ -435,16 +511,35 @@ def overlap_profile(
     dtype: torch.dtype = torch.float32,
     progress: Callable[[Iterator], Iterator] | None = None,
 ) -> OverlapProfile:
-    """``R(layer)`` of a model's query heads, streamed one layer at a time (peak memory ~ one layer).
+    """``R(layer)`` of a model's query heads, streamed: layers are read one at a time and computed in runs of
+    consecutive layers holding up to 8 MB of query weights (:func:`_overlap_of_layers`), so the peak memory
+    is about one layer for a large model (Llama-3.2-1B: 16 MB per layer, one layer per run) and 8 MB for a
+    small one.
 
     ``dtype``: the precision of the weights and of the arithmetic (float32: R to ~1e-6). ``progress``:
     optional wrapper of the layer iterator (e.g. ``tqdm``).
     """
     src = open_source(source)
-    it = _role_heads("q", src, layers, dtype, contiguous=False)  # views of the read tensor: no copy
+    # views of the read tensor (no copy); finiteness is left to the Cholesky guard of _overlap_of_layers (no extra pass)
+    it = _role_heads("q", src, layers, dtype, contiguous=False, check_finite=False)
     if progress is not None:
         it = progress(it)
     profile = None
+    chunk: list[tuple[int, Tensor]] = []
+
+    def flush() -> None:
+        try:
+            profile.R.extend(_overlap_of_layers([W for _, W in chunk]))
+        except ValueError as err:
+            if "NaN or Inf" not in str(err):
+                raise
+            for layer, W in chunk:  # name the layer, as flagcore.weights.layer_heads would have
+                if not _all_finite(W):
+                    key = src.key(layer, src.spelling.sources("q")[0])
+                    raise ValueError(f"{src.name}: {key} (layer {layer}) contains NaN or Inf") from None
+            raise
+        chunk.clear()
+
     for layer, W in it:
         if profile is None:
             profile = OverlapProfile(
@@ -452,13 +547,20 @@ def overlap_profile(
                 haar_overlap_baseline(src.dims.d, W.shape[-1], src.dims.n_heads),
             )
         profile.layers.append(layer)
-        # W was validated by flagcore.weights.layer_heads (a matrix, finite, [H, d, d_head]): check only what it does not
+        # W was validated by flagcore.weights.layer_heads (a matrix, [H, d, d_head]): check only what it does not
         if W.shape[-3] < 2:
             raise ValueError(f"the overlap needs at least 2 heads, got H = {W.shape[-3]}")
-        profile.R.append(float(_head_overlap(W, checked=True)))
+        if chunk and (W.shape != chunk[0][1].shape or (len(chunk) + 1) * _chunk_bytes(W) > _LAYER_CHUNK_BYTES):
+            flush()
+        chunk.append((layer, W))
     if profile is None:
         raise ValueError("no layers selected")
+    flush()
     return profile
+
+
+def _chunk_bytes(W: Tensor) -> int:
+    return W.numel() * torch.finfo(_work_dtype(W.dtype)).bits // 8
 
 
 # --------------------------------------------------------------------------- beyond R: structure of the overlaps

@@ -112,9 +112,10 @@ def _match_spelling(spelling: Stack, keys: Sequence[str], key_set: frozenset) ->
     that lacks one tensor is still found and reported by :func:`layer_heads`."""
     first = next(iter(spelling.tensors))
     pattern = _spelling_pattern(spelling, first)
+    ending = spelling.layer.split("{group}" if spelling.shared else "{layer}")[1] + spelling.tensors[first]
     found: dict[str, set[int]] = {}
     for key in keys:
-        m = pattern.match(key)
+        m = key.endswith(ending) and pattern.match(key)  # (the cheap test first: most keys are not this tensor)
         if m and (not spelling.within or any(w in m["prefix"] for w in spelling.within)):
             found.setdefault(m["prefix"], set()).add(int(m["index"]))
     placeholder = "group" if spelling.shared else "layer"
@@ -329,6 +330,7 @@ def layer_heads(
     *,
     dtype: torch.dtype = torch.float32,
     contiguous: bool = True,
+    check_finite: bool = True,
 ) -> dict[str, Tensor]:
     """The canonical heads of one layer: ``{role: [n, d, d_head]}`` (see :mod:`flagcore.layouts`).
 
@@ -336,7 +338,8 @@ def layer_heads(
     checks shapes and finiteness. Raises ValueError naming the layer and tensor on any problem.
     ``contiguous=False`` returns strided views of the tensor as read (no copy; for a loaded model they
     may share memory with its parameters, so do not modify them); the default returns fresh contiguous
-    tensors.
+    tensors. ``check_finite=False`` skips the NaN/Inf check, for a caller whose own arithmetic detects
+    them at no extra pass over the weights (:func:`flagcore.heads.overlap_profile`).
     """
     if source.layers is not None and layer not in source.layers:
         raise ValueError(f"{source.name}: layer {layer} out of range 0..{len(source.layers) - 1}")
@@ -351,7 +354,8 @@ def layer_heads(
         if W.ndim != want:
             raise ValueError(f"{source.name}: {key} should have {want} dimension(s), got shape {tuple(W.shape)}")
         W = W.to(dtype)
-        if not (bool(torch.isfinite(W.sum())) or bool(torch.isfinite(W).all())):  # a finite sum proves all finite
+        # (a finite sum proves all entries finite)
+        if check_finite and not (bool(torch.isfinite(W.sum())) or bool(torch.isfinite(W).all())):
             raise ValueError(f"{source.name}: {key} (layer {layer}) contains NaN or Inf")
         raw[tensor_role] = W
     dims = source.dims.at(layer)
@@ -713,11 +717,12 @@ def iter_layers(
     dtype: torch.dtype = torch.float32,
     contiguous: bool = True,
     stack: str | None = None,
+    check_finite: bool = True,
 ) -> Iterator[tuple[int, dict[str, Tensor]]]:
     """``(layer, {role: [n, d, d_head]})`` for each requested layer, read one layer at a time (see
-    :func:`layer_heads` for ``dtype`` and ``contiguous``; ``stack`` as in :func:`open_source`)."""
+    :func:`layer_heads` for ``dtype``, ``contiguous`` and ``check_finite``; ``stack`` as in :func:`open_source`)."""
     src = open_source(source, stack=stack)
     if layers is None:
         layers = src.layers
     for layer in layers:
-        yield int(layer), layer_heads(src, int(layer), roles, dtype=dtype, contiguous=contiguous)
+        yield int(layer), layer_heads(src, int(layer), roles, dtype=dtype, contiguous=contiguous, check_finite=check_finite)

@@ -171,8 +171,8 @@ def test_profile_of_a_tiny_model_matches_per_layer_R():
         assert abs(_pair_loop(W) - R) < 1e-12
     sel = overlap_profile(model, [2], dtype=torch.float64)
     assert sel.layers == [2] and sel.R == [prof.R[2]]
-    prof32 = overlap_profile(model)  # the profile skips re-validating weights it read: same arithmetic, same numbers
-    assert prof32.R == [float(head_overlap(W)) for _, W in query_heads(model)]
+    prof32 = overlap_profile(model)  # layers computed together (float32 sums in another order): equal to rounding
+    assert max(abs(a - float(head_overlap(W))) for a, (_, W) in zip(prof32.R, query_heads(model))) < 1e-6
     assert max(abs(a - b) for a, b in zip(prof32.R, prof.R)) < 1e-6
     out = prof.to_dict()
     assert out["baseline"] == 8 / 32 and out["layers"][1]["excess"] == pytest.approx(prof.R[1] - 0.25)
@@ -320,3 +320,88 @@ def test_layout_null_is_haar_for_plain_heads_and_not_for_latent_ones():
     assert abs(plain.mean().item() - b.mean) < 4 * b.sd / 200**0.5
     latent = layout_null_samples(open_source(build("deepseek_v3")), 0, "q", 200, g)
     assert latent.mean().item() > haar_overlap_baseline(64, 24, 4).mean + 50 * latent.std().item() / 200**0.5
+
+
+def _ill_conditioned_heads(g: torch.Generator, H: int, d: int, k: int, log_cond: float) -> torch.Tensor:
+    O = torch.linalg.qr(torch.randn(H, k, k, generator=g, dtype=torch.float64)).Q
+    scales = torch.diag(torch.logspace(0, log_cond, k, dtype=torch.float64))
+    return torch.randn(H, d, k, generator=g, dtype=torch.float64) @ scales @ O
+
+
+@pytest.mark.parametrize("H", [2, 7, 9, 12])
+def test_layers_computed_together_equal_head_overlap_one_by_one(gen, H):
+    """overlap_profile's path (every layer's small operations done together, the upper block rows of
+    each layer's Gram written by one product per group) against head_overlap per layer: float64 to 1e-12,
+    float32 to 1e-6; a chunk of one layer gives the same numbers as a chunk of four."""
+    from flagcore.heads import _overlap_of_layers
+
+    Ws = [torch.randn(H, 40, 3, generator=gen, dtype=torch.float64) for _ in range(4)]
+    together = _overlap_of_layers(Ws)
+    assert max(abs(R - float(head_overlap(W))) for R, W in zip(together, Ws)) < 1e-12
+    assert [_overlap_of_layers([W])[0] for W in Ws] == pytest.approx(together, abs=1e-14)
+    W32 = [W.float() for W in Ws]
+    assert max(abs(R - float(head_overlap(W))) for R, W in zip(_overlap_of_layers(W32), W32)) < 1e-6
+
+
+def test_layers_computed_together_fall_back_per_layer(gen, monkeypatch):
+    """A chunk mixing a plain layer, one whose float32 Gram loses orthonormality (cond(W_h) = 316), one of
+    rank-deficient heads and one with a NaN: the second is redone with float64 head Grams, the third
+    through head_overlap's SVD route, the fourth raises; each value equals float64 SVD bases to 1e-6.
+    The calls are counted, so a fallback that silently stopped running would fail the test."""
+    import flagcore.heads as heads_module
+    from flagcore.subspace import orthonormal_basis
+
+    plain = torch.randn(4, 200, 8, generator=gen, dtype=torch.float64)
+    rough = _ill_conditioned_heads(gen, 4, 200, 8, 2.5)
+    deficient = plain.clone()
+    deficient[..., -1] = deficient[..., 0]
+    chunk = [W.float() for W in (plain, rough, deficient)]
+    calls = {"exact_gram": 0, "guarded": 0}
+    real_layers, real_single = heads_module._overlap_of_layers, heads_module._head_overlap
+
+    def layers(Ws, *, exact_gram=False):
+        calls["exact_gram"] += exact_gram
+        return real_layers(Ws, exact_gram=exact_gram)
+
+    def single(W, *args, **kwargs):
+        calls["guarded"] += 1
+        return real_single(W, *args, **kwargs)
+
+    monkeypatch.setattr(heads_module, "_overlap_of_layers", layers)
+    monkeypatch.setattr(heads_module, "_head_overlap", single)
+    got = heads_module._overlap_of_layers(chunk)
+    assert calls == {"exact_gram": 1, "guarded": 1}
+    for R, W in zip(got, chunk):
+        ref = float(head_overlap(orthonormal_basis(W.double()), assume_orthonormal=True))
+        assert abs(R - ref) < 1e-6
+    broken = chunk[0].clone()
+    broken[1, 5, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        heads_module._overlap_of_layers([chunk[0], broken])
+
+
+def test_profile_names_a_layer_with_nan_queries_and_ignores_nan_keys():
+    """The profile reads query weights without a separate finiteness pass (its Cholesky guard sees a NaN):
+    a NaN among layer 1's query weights is still reported with its tensor and layer; a NaN among the key
+    weights of the same fused tensor does not touch R, so the profile runs (and chunks of one layer agree
+    with one chunk of three)."""
+    transformers = pytest.importorskip("transformers")
+    import flagcore.heads as heads_module
+
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_head=4, n_layer=3, n_positions=8, vocab_size=11))
+    clean = overlap_profile(model).R
+    with torch.no_grad():
+        model.h[1].attn.c_attn.weight[3, 40] = float("nan")  # columns 32..63: keys
+    assert overlap_profile(model).R == clean
+    with torch.no_grad():
+        model.h[1].attn.c_attn.weight[3, 5] = float("nan")  # columns 0..31: queries
+    with pytest.raises(ValueError, match=r"h\.1\.attn\.c_attn\.weight \(layer 1\) contains NaN"):
+        overlap_profile(model)
+    with torch.no_grad():
+        model.h[1].attn.c_attn.weight[3, 5] = 0.0
+        model.h[1].attn.c_attn.weight[3, 40] = 0.0
+    one = overlap_profile(model).R
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(heads_module, "_LAYER_CHUNK_BYTES", 1)
+        assert overlap_profile(model).R == pytest.approx(one, abs=1e-7)
