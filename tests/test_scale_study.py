@@ -67,6 +67,9 @@ def test_page_renders_tables_trends_and_figure(tmp_path):
     # synthetic ViT delta_gc: SiLU 0.2 (accepted, as the paper), ReLU mean 0.1 (accepted, the paper rejects)
     assert "CI point: Level 3 Degenerate in 1 of 36 CNN and Mixer runs (the paper: all); ViT verdicts at " \
         "τ_gc = 0.3 match the paper's in 1 of 2" in text
+    # synthetic: ReLU-50 mean 0.45 x growth with sd 0.01, ReLU-10 0.3 ± 0.05: larger and more stable everywhere
+    assert "* CI point: ReLU-50 (orth) 0.450 ± 0.010 vs ReLU-10 0.300 ± 0.050: larger, more stable (coefficient of " \
+        "variation 0.02 vs 0.17)" in text
     assert "paused" not in text  # no note recorded, none shown
     noted = dict(synthetic_study(), note="The kernel was paused for a minute.")
     assert "`python tools/scale_study.py run` (the data are in `book/scale-study/study.json`). The kernel was paused" \

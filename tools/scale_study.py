@@ -193,6 +193,20 @@ def e4_trend(study: dict) -> list[str]:
     return lines
 
 
+def depth_claim(study: dict) -> list[str]:
+    """§7.1's depth claim at each Table E.4 setting: is ReLU-50 (orth)'s commutator larger than ReLU-10's, and
+    more stable (a smaller coefficient of variation over seeds)? The notebook's own test, per point."""
+    design = study["designs"]["table-e4"]
+    lines = []
+    for point in (p for p in study["points"] if p["study"] == "table-e4"):
+        v = point["values"]
+        cv50, cv10 = v["sd"] / v["mean"], v["relu10_sd"] / v["relu10_mean"]
+        lines.append(f"{_setting(point, design)}: ReLU-50 (orth) {v['mean']:.3f} ± {v['sd']:.3f} vs ReLU-10 "
+                     f"{v['relu10_mean']:.3f} ± {v['relu10_sd']:.3f}: {'larger' if v['mean'] > v['relu10_mean'] else 'smaller'}"
+                     f", {'more' if cv50 < cv10 else 'less'} stable (coefficient of variation {cv50:.2f} vs {cv10:.2f})")
+    return lines
+
+
 #: The paper's ViT verdicts (E.1.6) that are a clear accept or reject (LeakyReLU, "partial", is left out),
 #: and the notebook's default threshold tau_gc on delta_gc.
 PAPER_VIT_VERDICTS = {"SiLU": True, "Mish": True, "ReLU": False, "GELU": False, "Softplus": False}
@@ -264,6 +278,7 @@ def render(study: dict, figure_name: str) -> str:
                           "ViT $\\delta_{gc}$ by activation, mean ± sd over seeds", "seeds"], e15_rows(study))
     trend = "\n".join(f"* {line}" for line in e4_trend(study)) or "* (no axis finished)"
     e15_lines = "\n".join(f"* {line}" for line in e15_trend(study))
+    depth = "\n".join(f"* {line}" for line in depth_claim(study))
     failed = "".join(f"\n* not finished: {f['label']} ({f['error'][:120]})" for f in study["failed"])
     note = f" {study['note']}" if study.get("note") else ""
     return f"""Run {study['date']} on {study['machine']}, {study['wall_seconds']:.0f} s wall in all, by
@@ -295,6 +310,11 @@ middle: width; right: training images per class). Grey band: the paper's ReLU-50
 Along each axis, from the CI point to the largest setting run (the paper's value is {PAPER['table-e4']['mean']}):
 
 {trend}
+
+The paper's depth claim (§7.1: the deeper model's obstruction is larger and more stable), tested as the
+notebook tests it, at each setting:
+
+{depth}
 
 ## E.1.5 Level-3 verdicts and the ViT gc values along training length
 
