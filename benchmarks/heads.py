@@ -8,7 +8,8 @@ Results go to ``_build/bench/heads.json`` unless ``--json`` names another file.
    weights from safetensors,
    upcast, orthonormalise every head by Cholesky QR, one Gram product) against the floor: reading the
    same query tensors once from the same safetensors files plus one Gram product per layer in the same
-   precision (no orthonormalisation: the least work any exact method must do). Target ratio <= 1.3 (issue 15).
+   precision (no orthonormalisation, which an exact R needs; ours forms only the Gram's block upper triangle, so
+   large layers beat it). Target ratio <= 1.3 (issue 15).
    Timing: best of ``--repeat`` rounds, the two interleaved, CPU caches evicted before every timed call
    (:func:`interleaved_cold_best_of`); nothing is cached between calls of ``overlap_profile`` (the
    source is re-opened each time; the floor's key -> file map is built once, outside its timing). The
