@@ -187,6 +187,21 @@ def _cross_group_squares(rows: Tensor, groups: int) -> Tensor:
     return buffer.square().sum()
 
 
+def _cholesky_guard(grams: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(L, L^{-1}, info, certified)`` for per-head Grams ``W_h^T W_h`` ``[..., k, k]``, factorised in float64.
+
+    ``certified`` (``[...]``, bool): Cholesky succeeded and the cheap bound
+    ``||L_h||_F ||L_h^{-1}||_F >= cond(L_h) = cond(W_h)`` is at most ``_MAX_COND``. Computed even where Cholesky
+    failed (``info > 0``: ``L`` is then partial, ``L^{-1}`` and the bound may be inf/NaN, as they are for NaN/Inf
+    weights, and the comparison is False), so that the common case needs a single host synchronisation.
+    """
+    L, info = torch.linalg.cholesky_ex(grams.to(torch.float64))
+    eye = torch.eye(L.shape[-1], dtype=torch.float64, device=L.device)
+    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    cond_bound = torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(Linv)
+    return L, Linv, info, (info == 0) & (cond_bound <= _MAX_COND)
+
+
 def _orthonormal_heads(W: Tensor, assume_orthonormal: bool, groups: int, *, checked: bool = False) -> tuple[Tensor, Tensor, int]:
     """The heads' orthonormal bases as rows, ``[..., H*r, d]`` (head ``h``: rows ``h*r`` to ``(h+1)*r - 1``), in the
     working precision (float64 for float64 ``W``, else float32); the diagonal blocks of their Gram matrix for
@@ -207,8 +222,9 @@ def _orthonormal_heads(W: Tensor, assume_orthonormal: bool, groups: int, *, chec
     otherwise the heads are rank-deficient or ill-conditioned and go through SVD bases
     (:func:`flagcore.subspace.orthonormal_basis`, whose numerical rank decides ``r``). A posteriori, the
     blocks ``Q_h^T Q_h`` (inside the grouped Gram) must equal ``I`` to 1e-12 (float64) or 1e-5 (float32);
-    the float32 rows lose orthogonality like ``eps32 cond(W_h)``, and when they did (SmolLM2's heads, with
-    ``cond(W_h)`` of 10 to 100, often do), a second Cholesky pass re-orthonormalises the rows and whitens
+    the float32 rows lose orthogonality like ``eps32 cond(W_h)^2`` (the rounding of the float32 head Grams,
+    amplified by the whitening), and when they did (3 of SmolLM2's 30 layers, whose heads have ``cond(W_h)``
+    up to ~110), a second Cholesky pass re-orthonormalises the rows and whitens
     the group Grams already formed (CholeskyQR2: orthonormal to rounding for ``cond <= 1e4``).
     """
     if not checked:
@@ -219,13 +235,9 @@ def _orthonormal_heads(W: Tensor, assume_orthonormal: bool, groups: int, *, chec
         rows = W.to(work).transpose(-1, -2).reshape(*batch, H * k, d)
         return rows, _grouped_gram(rows, groups), k
     Wt = W.transpose(-1, -2).to(work)  # [..., H, k, d]: W_h^T
-    L, info = torch.linalg.cholesky_ex((Wt @ Wt.transpose(-1, -2)).to(torch.float64))
+    L, Linv, info, certified = _cholesky_guard(Wt @ Wt.transpose(-1, -2))
     eye = torch.eye(k, dtype=torch.float64, device=W.device)
-    # Computed even where Cholesky failed (info > 0: L is then partial, Linv and the bound may be inf/NaN, and the
-    # comparison below is False), so that the common case needs a single host synchronisation.
-    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-    cond_bound = torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(Linv)  # >= cond(L) = cond(W_h)
-    fast = bool(((info == 0) & (cond_bound <= _MAX_COND)).all())
+    fast = bool(certified.all())
     if not fast and bool((info == 0).all()):  # Cholesky succeeded everywhere but the cheap bound is loose: exact check
         eig = torch.linalg.eigvalsh(L @ L.transpose(-1, -2))
         fast = bool((eig[..., 0] > eig[..., -1] / _MAX_COND**2).all())
@@ -316,18 +328,16 @@ def _overlap_of_layers(Ws: Sequence[Tensor], *, exact_gram: bool = False) -> lis
     n, groups = H * k, _gram_groups(H)
     size = n // groups
     Wts = [W.transpose(-1, -2).to(work) for W in Ws]  # [H, k, d]: W_h^T
-    if exact_gram:  # float64 per-head Grams: Cholesky QR then loses ~eps32 cond(W_h), not eps32 cond(W_h)^2
-        grams = torch.stack([(lambda X: X @ X.transpose(-1, -2))(Wt.to(torch.float64)) for Wt in Wts])
-    else:
-        grams = Wts[0].new_empty(len(Ws), H, k, k)
-        for Wt, out in zip(Wts, grams):
-            torch.matmul(Wt, Wt.transpose(-1, -2), out=out)
-    L, info = torch.linalg.cholesky_ex(grams.to(torch.float64))
-    eye = torch.eye(k, dtype=torch.float64, device=L.device)
-    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-    cond_bound = torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(Linv)  # >= cond(W_h); NaN for NaN/Inf input
-    fast = ((info == 0) & (cond_bound <= _MAX_COND)).all(dim=-1).tolist()
+    # float64 head Grams (exact_gram): Cholesky QR then loses ~eps32 cond(W_h), not eps32 cond(W_h)^2
+    gram_dtype = torch.float64 if exact_gram else work
+    grams = Wts[0].new_empty(len(Ws), H, k, k, dtype=gram_dtype)
+    for Wt, out in zip(Wts, grams):
+        Wt = Wt.to(gram_dtype)
+        torch.matmul(Wt, Wt.transpose(-1, -2), out=out)
+    _, Linv, _, certified = _cholesky_guard(grams)
+    fast = certified.all(dim=-1).tolist()  # per layer (a head that fails sends its layer to _head_overlap)
     Linv = Linv.to(work)
+    eye = torch.eye(k, dtype=work, device=Linv.device)
     # One layer's upper block triangle, group row a holding rows_a @ rows_{a..}^T: the group's Gram and its products
     # with the groups after it, written by one product per group. Zeroed once, so the block lower triangle (never
     # written) adds nothing to its sum of squares; reused by every layer (it stays in cache, allocated once).
@@ -344,7 +354,7 @@ def _overlap_of_layers(Ws: Sequence[Tensor], *, exact_gram: bool = False) -> lis
         group_grams[i].copy_(group_diagonal)
         torch.sum(upper.square_(), dim=(0, 1, 2), out=upper_squares[i])
     blocks = _diagonal_blocks(group_grams, H // groups, k)  # [L, G, H/G, k, k]: Q_h^T Q_h
-    orthonormal = ((blocks - eye.to(work)).abs_().amax(dim=(-4, -3, -2, -1)) <= _orthonormality_tol(work)).tolist()
+    orthonormal = ((blocks - eye).abs_().amax(dim=(-4, -3, -2, -1)) <= _orthonormality_tol(work)).tolist()
     # sum over ordered pairs of distinct heads = twice the block upper triangle's squares, less the group Grams
     # (counted once) and the heads' own blocks
     group_squares = group_grams.square().sum(dim=(-3, -2, -1))
