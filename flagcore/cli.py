@@ -64,47 +64,12 @@ def _load_layout(value: str | None):
     return value
 
 
-#: Monte-Carlo draws of the null of a latent stack's heads (its sd estimate is good to 1/sqrt(2n) = 5 %).
-LATENT_NULL_DRAWS = 200
-
-
-def _profile_rows(source, layers, roles, dtype, progress) -> tuple[list[dict], dict]:
-    """One row per (layer, role): R, the null of that role's heads, excess and z; one pass over the layers.
-    The null is Haar's closed form, or for a latent stack Monte Carlo over random weights of the layer's
-    shapes cut by the same layout (:func:`flagcore.heads.layout_null_samples`)."""
-    from .heads import HaarBaseline, haar_overlap_baseline, head_overlap, layout_null_samples
-    from .weights import iter_layers
-
-    rows, baselines = [], {}
-    generator = torch.Generator().manual_seed(0)
-
-    def null(role, n, d, d_k, layer):
-        if not source.spelling.latent:
-            return baselines.setdefault((n, d, d_k), haar_overlap_baseline(d, d_k, n))
-        if (role, n, d, d_k) not in baselines:
-            draws = layout_null_samples(source, layer, role, LATENT_NULL_DRAWS, generator)
-            baselines[(role, n, d, d_k)] = HaarBaseline(d, d_k, n, draws.mean().item(), draws.std().item())
-        return baselines[(role, n, d, d_k)]
-
-    for layer, heads in progress(iter_layers(source, layers, roles, dtype=dtype, contiguous=False)):
-        for role in roles:
-            W = heads[role]
-            n, d, d_k = W.shape
-            if n < 2:
-                rows.append({"layer": layer, "role": role, "heads": n, "d_k": d_k, "R": None, "baseline": None,
-                             "baseline_sd": None, "excess": None, "z": None, "status": "not run: fewer than 2 heads"})
-                continue
-            b = null(role, n, d, d_k, layer)
-            R = float(head_overlap(W))
-            rows.append({"layer": layer, "role": role, "heads": n, "d_k": d_k, "R": R, "baseline": b.mean,
-                         "baseline_sd": b.sd, "excess": R - b.mean, "z": b.z(R), "status": "measured"})
-    return rows, baselines
-
-
 def _heads(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .checkpoints import RangeRequestError, TensorDigest
     from .errors import NetworkRequired
+    from .heads import LATENT_NULL_DRAWS, profile_rows
     from .weights import open_source
 
     fmt = "json" if args.json else args.format
@@ -117,11 +82,16 @@ def _heads(args: argparse.Namespace) -> int:
         total = len(layers) if layers is not None else len(source.layers)
         progress = lambda it: tqdm(it, total=total, desc="layers", unit="layer", file=sys.stderr, leave=False)  # noqa: E731
         dtype = torch.float64 if args.float64 else torch.float32
-        rows, _ = _profile_rows(source, layers, args.roles, dtype, progress)
-    except (ValueError, TypeError, NetworkRequired) as exc:
+        digest = TensorDigest()  # of every tensor read: byte-identical revisions share it
+        source.on_read = digest.add
+        rows = profile_rows(source, layers, args.roles, dtype=dtype, progress=progress)
+    except (ValueError, TypeError, NetworkRequired, RangeRequestError) as exc:
         print(f"python -m flagcore heads: error: {exc}", file=sys.stderr)
         return 2
     info = source.describe()
+    info["digest"] = digest.hexdigest()
+    if source.checkpoint is not None:
+        info["read"] = source.checkpoint.stats()
     info["null"] = "haar" if not source.spelling.latent else f"layout Monte Carlo, {LATENT_NULL_DRAWS} draws"
     if source.spelling.latent:
         info["note"] = (f"latent attention: the heads live in a low-rank space, so d_k/d is not their random null; "
@@ -150,6 +120,11 @@ def _heads(args: argparse.Namespace) -> int:
         else:
             print(f"{row['layer']:>5} {row['role']:>4} {row['heads']:>5} {row['R']:>8.4f} {row['baseline']:>8.4f} "
                   f"{row['excess']:>8.4f} {row['z']:>8.1f}")
+    if "read" in info:
+        read = info["read"]
+        print(f"read {read['bytes_read']:,} of the checkpoint's {read['checkpoint_bytes']:,} bytes "
+              f"({read['requests']} reads, {read['files_opened']} of {read['files']} files); "
+              f"tensors read: sha256 {info['digest'][:16]}")
     return 0
 
 
@@ -180,7 +155,11 @@ def _verify(args: argparse.Namespace) -> int:
     from .layout_check import verify_layout
 
     try:
-        model = transformers.AutoModel.from_pretrained(args.source, revision=args.revision)
+        from pathlib import Path
+
+        local_run = args.revision is not None and Path(args.source).is_dir()  # a run directory: one sub-directory per revision
+        where = Path(args.source) / args.revision if local_run else args.source
+        model = transformers.AutoModel.from_pretrained(where, revision=None if local_run else args.revision)
         check = verify_layout(model, layout=_load_layout(args.layout), stack=args.stack, layers=_parse_layers(args.layers))
     except (ValueError, TypeError, OSError) as exc:
         print(f"python -m flagcore verify: error: {exc}", file=sys.stderr)
@@ -204,7 +183,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                         "instead of the one the config's model_type selects")
     parser.add_argument("--stack", metavar="NAME", help="attention stack: encoder, decoder, cross, text, vision, ... "
                         "(default: the layout's default, marked * by python -m flagcore layouts)")
-    parser.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub model")
+    parser.add_argument("--revision", metavar="REV",
+                        help="branch, tag or commit of a Hub model, or a revision sub-directory of a local run directory")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .checkpoints import TensorDigest, revision_order, revision_step
 from .subspace import _as_int, _as_real_float, haar_frames, orthonormal_basis, principal_angles
-from .weights import iter_layers, open_source, repeat_kv
+from .weights import iter_layers, list_revisions, open_source, repeat_kv
 
 __all__ = [
     "HaarBaseline",
+    "LATENT_NULL_DRAWS",
     "OverlapProfile",
+    "RevisionProfile",
     "cut_linkage",
     "haar_angle_samples",
     "haar_overlap_baseline",
@@ -42,7 +45,9 @@ __all__ = [
     "overlap_profile",
     "pair_angles",
     "planted_copies",
+    "profile_rows",
     "query_heads",
+    "revision_profile",
     "shared_core_heads",
     "top_pairs",
     "value_heads",
@@ -818,3 +823,126 @@ def shared_core_heads(
         else:
             hi = mid
     return U + math.exp(mid) * G
+
+
+# --------------------------------------------------------------------------- profiles of real models and of training runs
+
+#: Monte-Carlo draws of the null of a latent stack's heads (its sd estimate is good to 1/sqrt(2n) = 5 %).
+LATENT_NULL_DRAWS = 200
+
+
+def profile_rows(
+    source,
+    layers: Sequence[int] | None = None,
+    roles: Sequence[str] = ("q",),
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable | None = None,
+) -> list[dict]:
+    """One row per (layer, role) of a model: ``R`` of that role's heads, its null, the excess ``R - null``
+    and the z-score, in one pass over the layers (``progress`` wraps the layer iterator, e.g. tqdm).
+
+    The null is Haar's closed form (:func:`haar_overlap_baseline`), or for a latent stack, whose heads live
+    in a low-rank space, Monte Carlo over random weights of the layer's shapes cut by the same layout
+    (:func:`layout_null_samples`, :data:`LATENT_NULL_DRAWS` draws, seed 0). A role with fewer than two heads
+    is a row with ``status`` "not run: fewer than 2 heads" and no numbers."""
+    src = open_source(source)
+    baselines: dict = {}
+    generator = torch.Generator().manual_seed(0)
+
+    def null(role, n, d, d_k, layer):
+        if not src.spelling.latent:
+            return baselines.setdefault((n, d, d_k), haar_overlap_baseline(d, d_k, n))
+        if (role, n, d, d_k) not in baselines:
+            draws = layout_null_samples(src, layer, role, LATENT_NULL_DRAWS, generator)
+            baselines[(role, n, d, d_k)] = HaarBaseline(d, d_k, n, draws.mean().item(), draws.std().item())
+        return baselines[(role, n, d, d_k)]
+
+    rows = []
+    layer_iter = iter_layers(src, layers, roles, dtype=dtype, contiguous=False)
+    for layer, heads in (progress(layer_iter) if progress is not None else layer_iter):
+        for role in roles:
+            W = heads[role]
+            n, d, d_k = W.shape
+            if n < 2:
+                rows.append({"layer": layer, "role": role, "heads": n, "d_k": d_k, "R": None, "baseline": None,
+                             "baseline_sd": None, "excess": None, "z": None, "status": "not run: fewer than 2 heads"})
+                continue
+            b = null(role, n, d, d_k, layer)
+            R = float(head_overlap(W))
+            rows.append({"layer": layer, "role": role, "heads": n, "d_k": d_k, "R": R, "baseline": b.mean,
+                         "baseline_sd": b.sd, "excess": R - b.mean, "z": b.z(R), "status": "measured"})
+    return rows
+
+
+@dataclass
+class RevisionProfile:
+    """:func:`revision_profile`'s result.
+
+    ``rows``: one per (revision, layer, role), the columns of :func:`profile_rows` plus ``revision``,
+    ``step`` and ``duplicate_of``. ``revisions``: one per revision, in the order read: ``revision``,
+    ``step`` (from its name, else None), ``commit`` (Hub), ``digest`` (:class:`TensorDigest` of every
+    tensor read), ``duplicate_of`` (the first earlier revision with the same digest, else None),
+    ``tensors`` (how many were read), and the reader's ``requests``, ``bytes_read`` and
+    ``checkpoint_bytes`` (None for a source that is not safetensors).
+    """
+
+    rows: list[dict]
+    revisions: list[dict]
+
+    def duplicates(self) -> dict[str, str]:
+        """``{revision: earlier revision with byte-identical tensors}``."""
+        return {r["revision"]: r["duplicate_of"] for r in self.revisions if r["duplicate_of"] is not None}
+
+    def measured(self) -> list[dict]:
+        """The rows that are data: measured, and not a byte-identical copy of an earlier revision."""
+        return [row for row in self.rows if row["status"] == "measured" and row["duplicate_of"] is None]
+
+
+def revision_profile(
+    source,
+    revisions: Sequence[str] | None = None,
+    roles: Sequence[str] = ("q",),
+    layers: Sequence[int] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable | None = None,
+) -> RevisionProfile:
+    """Head overlap of every layer and role across the revisions (checkpoints) of a training run.
+
+    ``source``: a Hub id (its branches, e.g. Pythia's ``step0`` ... ``step143000``) or a local run
+    directory (one model directory per revision, :func:`flagcore.weights.list_revisions`).
+    ``revisions``: which, read in this order (default: all, in training order). Each revision is opened
+    on its own (for the Hub: pinned to its commit, only the attention tensors' byte ranges read) and
+    profiled by :func:`profile_rows`. ``progress`` wraps the iterator over revisions.
+
+    Integrity: a digest of every tensor read (:class:`flagcore.checkpoints.TensorDigest`) is kept per
+    revision; a revision whose digest equals an earlier one's is a byte-identical copy (Pythia's
+    ``main`` is ``step143000``; some step branches serve other revisions' files), and its rows say
+    ``duplicate_of`` so that it is never counted or plotted as a new measurement
+    (:meth:`RevisionProfile.measured`).
+    """
+    order = revision_order(list_revisions(source)) if revisions is None else list(revisions)
+    if not order:
+        raise ValueError("no revisions to profile")
+    if len(set(order)) != len(order):
+        raise ValueError(f"revisions listed twice: {sorted({r for r in order if order.count(r) > 1})}")
+    rows, infos, first_of = [], [], {}
+    for revision in (progress(order) if progress is not None else order):
+        src = open_source(source, revision=revision)
+        digest = TensorDigest()
+        src.on_read = digest.add
+        try:
+            measured = profile_rows(src, layers, roles, dtype=dtype)
+        finally:
+            src.on_read = None
+        key = digest.hexdigest()
+        duplicate_of = first_of.setdefault(key, revision)
+        duplicate_of = None if duplicate_of == revision else duplicate_of
+        stats = src.checkpoint.stats() if src.checkpoint is not None else {}
+        step = revision_step(revision)
+        infos.append({"revision": revision, "step": step, "commit": src.commit, "digest": key,
+                      "duplicate_of": duplicate_of, "tensors": len(digest), "requests": stats.get("requests"),
+                      "bytes_read": stats.get("bytes_read"), "checkpoint_bytes": stats.get("checkpoint_bytes")})
+        rows += [{"revision": revision, "step": step, "duplicate_of": duplicate_of, **row} for row in measured]
+    return RevisionProfile(rows, infos)

@@ -19,6 +19,10 @@ training, and faster with weight decay? This module provides the pieces, all pur
 * :func:`train_lm`: AdamW with decoupled weight decay on the weight matrices (not on LayerNorm gains or
   biases), recording the training loss at every step and, every ``every`` steps, ``R`` per layer, the
   query weights' Frobenius norm and a held-out loss.
+* :func:`train_revisions`: the same recipe on Pythia's architecture (transformers' GPT-NeoX), saving the
+  model at each step of a Pythia-like schedule (:func:`pythia_schedule`) as a revision of a run directory
+  in the format Pythia publishes (``config.json`` + ``model.safetensors``), for the tools that read
+  training runs (:func:`flagcore.heads.revision_profile`).
 
 Determinism: the initialisation and the batches come from explicit ``torch.Generator`` objects, and on
 the CPU :func:`train_lm` runs on one thread (:func:`flagcore.reproducible.one_cpu_thread`), so a seed fixes a
@@ -28,7 +32,7 @@ run on a given kind of device, whatever the core count.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,9 +53,11 @@ __all__ = [
     "TrainRecord",
     "char_corpus",
     "corpus_text",
+    "pythia_schedule",
     "query_head_weights",
     "sample_batch",
     "train_lm",
+    "train_revisions",
 ]
 
 #: Corpora available offline: name -> description.
@@ -362,3 +368,108 @@ def train_lm(
         if (step + 1) % every == 0 or step + 1 == steps:
             checkpoint(step + 1)
     return record
+
+
+# --------------------------------------------------------------------------- training runs saved as revisions
+
+
+def pythia_schedule(steps: int, every: int) -> list[int]:
+    """Checkpoint steps spaced as Pythia's (``step0``, ``step1``, ``step2``, ``step4``, ... ``step512``, then every
+    1000 steps): 0, the powers of two below ``every``, then every ``every`` steps, and ``steps`` itself."""
+    steps, every = _as_int("steps", steps), _as_int("every", every)
+    if steps < 1 or every < 1:
+        raise ValueError(f"need steps >= 1 and every >= 1, got steps={steps}, every={every}")
+    powers = [2**i for i in range(every.bit_length()) if 2**i < every]
+    return sorted({0, *(p for p in powers if p <= steps), *range(every, steps + 1, every), steps})
+
+
+def train_revisions(
+    run_dir,
+    corpus: CharCorpus,
+    *,
+    save_at: Sequence[int],
+    d: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    seq: int = 32,
+    batch: int = 16,
+    lr: float = 3e-3,
+    weight_decay: float = 0.0,
+    warmup: int = 25,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> list[float]:
+    """Train a small GPT-NeoX (Pythia's architecture: rotary embeddings on a quarter of each head, parallel
+    attention and MLP, fused per-head-interleaved query/key/value weight; transformers'
+    ``GPTNeoXForCausalLM``, initialised N(0, 0.02^2) as Pythia) on a character corpus, and save it at every
+    step in ``save_at`` (0 = the initialisation) as the revision ``run_dir/step<t>``, then ``run_dir/main``,
+    a byte-identical copy of the last (Pythia's ``main`` is its final step). Each revision is what
+    ``save_pretrained`` writes: ``config.json`` and ``model.safetensors``. Returns the training loss of
+    every step.
+
+    The recipe is :func:`train_lm`'s: AdamW (betas 0.9, 0.95), gradient clipping at norm 1, linear warm-up
+    over ``warmup`` steps then constant ``lr``, decoupled ``weight_decay`` on every weight matrix and none
+    on LayerNorm gains and biases. ``seed`` fixes the initialisation (drawn under a forked global RNG, so
+    the caller's is untouched, on the CPU whatever ``device``) and the batches; the training runs on
+    ``device``, and on the CPU on one thread (:func:`flagcore.reproducible.one_cpu_thread`), so the saved
+    bytes do not depend on the core count.
+    """
+    import shutil
+    from pathlib import Path
+
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from .reproducible import one_cpu_thread
+
+    if not isinstance(corpus, CharCorpus):
+        raise TypeError(f"corpus must be a CharCorpus, got {type(corpus).__name__}")
+    save_at = sorted({_as_int("save_at", s) for s in save_at})
+    if not save_at or save_at[0] < 0:
+        raise ValueError(f"save_at must list steps >= 0, got {save_at}")
+    d, n_layers, n_heads, seq, batch, warmup = (
+        _as_int(n, v) for n, v in (("d", d), ("n_layers", n_layers), ("n_heads", n_heads), ("seq", seq),
+                                   ("batch", batch), ("warmup", warmup)))
+    if d % n_heads:
+        raise ValueError(f"d = {d} must be a multiple of n_heads = {n_heads}")
+    lr, weight_decay = float(lr), float(weight_decay)
+    if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"need lr > 0 and weight_decay >= 0 (finite), got lr={lr}, weight_decay={weight_decay}")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ValueError(f"{run_dir} is not empty; a run directory holds one run's revisions only")
+    config = GPTNeoXConfig(vocab_size=corpus.vocab_size, hidden_size=d, num_attention_heads=n_heads,
+                           num_hidden_layers=n_layers, intermediate_size=4 * d, max_position_embeddings=seq,
+                           rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
+                           initializer_range=0.02, attention_dropout=0.0, hidden_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(config)
+    device = torch.device(device)
+    model.to(device)
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    opt = torch.optim.AdamW(_decay_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    losses: list[float] = []
+    last = save_at[-1]
+    with one_cpu_thread(device):
+        model.train()
+        if save_at[0] == 0:
+            model.save_pretrained(run_dir / "step0")
+        iterator = range(last) if progress is None else progress(range(last))
+        for step in iterator:
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+            x, y = (t.to(device) for t in sample_batch(corpus.train, batch, seq, generator))
+            logits = model(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, corpus.vocab_size), y.reshape(-1))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training diverged at step {step} (loss {float(loss)}); lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step + 1 in save_at:
+                model.save_pretrained(run_dir / f"step{step + 1}")
+    shutil.copytree(run_dir / f"step{last}", run_dir / "main")
+    return losses

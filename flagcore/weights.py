@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .checkpoints import ByteRanges, HttpRanges, LocalFileRanges, PartialCheckpoint, RangeRequestError, revision_order
 from .errors import NetworkRequired, cache_dir, network_disabled
 from .layouts import (
     LAYOUTS,
@@ -69,8 +70,10 @@ __all__ = [
     "cache_dir",
     "cols_to_heads",
     "gguf_to_safetensors",
+    "hub_endpoint",
     "iter_layers",
     "layer_heads",
+    "list_revisions",
     "layout_from_dict",
     "offline_model_path",
     "open_source",
@@ -159,6 +162,13 @@ class WeightSource:
     registered layout or model_type name, or a :class:`Layout`. ``stack``: the stack to read (``None``:
     the layout's default; ``encoder``/``decoder``/``cross``/``text``/``vision``/... as the layout names
     them).
+
+    ``checkpoint``: the :class:`~flagcore.checkpoints.PartialCheckpoint` behind a safetensors source (its
+    ``stats()``: requests and bytes read against the checkpoint's size), else None. ``revision`` and
+    ``commit``: the revision asked for and, for the Hub, the commit it resolved to (every file is read at
+    that commit), else None. ``on_read``: None, or a callable ``(key, tensor)`` called with every tensor
+    :meth:`get` returns, as read (before any upcast), e.g. a :class:`~flagcore.checkpoints.TensorDigest`'s
+    ``add``.
     """
 
     def __init__(
@@ -170,12 +180,19 @@ class WeightSource:
         *,
         layout: Layout | str | None = None,
         stack: str | None = None,
+        checkpoint=None,
+        revision: str | None = None,
+        commit: str | None = None,
     ):
         self.name = name
         self.config = dict(config)
         self._keys = list(keys)
         self._key_set = frozenset(self._keys)
         self._get = get
+        self.checkpoint = checkpoint
+        self.revision = revision
+        self.commit = commit
+        self.on_read: Callable[[str, Tensor], None] | None = None
         self.candidates: list[Layout] = []
         self.layout, self.layout_how = self._resolve_layout(layout)
         self.stacks = [n for n in self.layout.stack_names if self._spelling_of(n, quiet=True) is not None]
@@ -292,7 +309,10 @@ class WeightSource:
         return list(self._keys)
 
     def get(self, key: str) -> Tensor:
-        return self._get(key)
+        tensor = self._get(key)
+        if self.on_read is not None:
+            self.on_read(key, tensor)
+        return tensor
 
     def key(self, layer: int, tensor_role: str) -> str:
         index = self._groups[self.layers.index(layer)]
@@ -304,7 +324,8 @@ class WeightSource:
 
     def describe(self) -> dict:
         dims = {k: v for k, v in self.dims.__dict__.items() if k not in ("config", "heads_per_layer")}
-        return dict(model=self.name, layout=self.layout.name, layout_how=self.layout_how, stack=self.stack,
+        where = {k: v for k, v in (("revision", self.revision), ("commit", self.commit)) if v is not None}
+        return dict(model=self.name, **where, layout=self.layout.name, layout_how=self.layout_how, stack=self.stack,
                     stacks=self.stacks, shared=self.shared, **dims)
 
 
@@ -384,26 +405,13 @@ def _state_dict_source(name: str, config: Mapping, state: Mapping[str, Tensor], 
     return WeightSource(name, config, list(state), lambda key: state[key], **kw)
 
 
-def _safetensors_source(name: str, config: Mapping, fetch: Callable[[str], Path], files: Sequence[str], index: Mapping[str, str] | None, **kw) -> WeightSource:
-    """Tensors spread over safetensors files, each fetched (a local path, or a Hub download) only when a
-    tensor in it is first read. With an index (``*.safetensors.index.json``) the keys come from it, so
-    no shard is fetched before it is needed."""
-    from safetensors import safe_open
-
-    if index is not None:
-        where = dict(index)
-    else:
-        where = {}
-        for file in files:
-            with safe_open(fetch(file), framework="pt") as handle:
-                for key in handle.keys():
-                    where[key] = file
-
-    def get(key: str) -> Tensor:
-        with safe_open(fetch(where[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    return WeightSource(name, config, list(where), get, **kw)
+def _safetensors_source(name: str, config: Mapping, open_file: Callable[[str], ByteRanges], files: Sequence[str],
+                        index: Mapping[str, str] | None, **kw) -> WeightSource:
+    """Tensors spread over safetensors files, read by byte range (:class:`PartialCheckpoint`): each file's
+    header when a tensor in it is first read, then only the tensors asked for. With an index
+    (``*.safetensors.index.json``) the keys come from it, so no file is touched before it is needed."""
+    checkpoint = PartialCheckpoint(open_file, files, index)
+    return WeightSource(name, config, checkpoint.keys(), checkpoint.get, checkpoint=checkpoint, **kw)
 
 
 def _directory_source(path: Path, name: str | None = None, **kw) -> WeightSource:
@@ -417,12 +425,12 @@ def _directory_source(path: Path, name: str | None = None, **kw) -> WeightSource
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if indexes:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        return _safetensors_source(name or str(path), config, lambda f: path / f, [], weight_map, **kw)
+        return _safetensors_source(name or str(path), config, lambda f: LocalFileRanges(path / f), [], weight_map, **kw)
     files = [f.name for f in sorted(path.glob("*.safetensors"))]
     if "model.safetensors" in files:  # a Mistral-style consolidated.safetensors beside it is the same weights
         files = ["model.safetensors"]
     if files:
-        return _safetensors_source(name or str(path), config, lambda f: path / f, files, None, **kw)
+        return _safetensors_source(name or str(path), config, lambda f: LocalFileRanges(path / f), files, None, **kw)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         state = {}
@@ -493,32 +501,67 @@ class _NotOnHub(Exception):
     """A file the repository does not have (HTTP 404), as opposed to a Hub that cannot be reached."""
 
 
+def hub_endpoint() -> str:
+    """The Hub's address, read at each call: ``$HF_ENDPOINT`` (a mirror, or a test server on 127.0.0.1), else
+    huggingface_hub's default (https://huggingface.co)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def _hub_source(repo_id: str, revision: str | None = None, **kw) -> WeightSource:
-    """A Hub repository, downloading only what is read: ``config.json``, the safetensors index when the
-    weights are sharded, and then each shard only when a tensor in it is first read (reading the query
-    heads of a sharded model fetches the shards that hold them, not the rest). A single-file model is
-    ``model.safetensors`` (a Mistral-style ``consolidated.safetensors`` beside it is never fetched);
-    ``pytorch_model.bin`` is the last resort. ``revision``: a branch, tag or commit."""
+    """A Hub repository at a revision (a branch, tag or commit), reading only what a diagnostic needs.
+
+    ``config.json`` and the safetensors index (small) are downloaded into the local Hub cache; the
+    revision is pinned to the commit they came from, so every later read is of that commit even if the
+    branch moves. The safetensors files are then read by HTTP range requests (:class:`HttpRanges`):
+    each file's header, and the tensors asked for, nothing else (a file already in the local Hub cache
+    is read from there). ``pytorch_model.bin``, which has no header to seek by, is downloaded whole,
+    as the last resort.
+    """
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     offline_msg = (
         f"{where} is not a local directory, a .gguf file, a loaded model or an offline alias "
         f"({', '.join(ALIASES)}), and the Hugging Face Hub is not reachable"
     )
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, hf_hub_url, try_to_load_from_cache
         from huggingface_hub.errors import (
             EntryNotFoundError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
+        from huggingface_hub.utils import build_hf_headers
     except ImportError as exc:  # pragma: no cover
         raise ValueError(offline_msg + " (huggingface_hub is not installed)") from exc
     offline = network_disabled()
+    endpoint = hub_endpoint()
 
-    def fetch(filename: str) -> Path:
+    def hub_call(call, *args):
+        """``call(*args)`` with the Hub's errors turned into ours: a missing file is :class:`_NotOnHub`, a
+        missing revision or repository ``ValueError``, an unreachable Hub :class:`NetworkRequired`."""
+        try:
+            return call(*args)
+        except (NetworkRequired, _NotOnHub, RangeRequestError, ValueError, KeyError):
+            raise
+        except LocalEntryNotFoundError as exc:  # before EntryNotFoundError, its base: the Hub was not reached
+            raise NetworkRequired(f"{offline_msg}: {exc}") from None
+        except EntryNotFoundError as exc:
+            raise _NotOnHub(str(exc)) from None
+        except RevisionNotFoundError as exc:
+            raise ValueError(f"{where}: no such revision ({exc})") from None
+        except RepositoryNotFoundError as exc:
+            raise ValueError(f"{where}: no such repository on the Hub, or a private or gated one ({exc})") from None
+        except Exception as exc:  # connection errors, time-outs, server errors, a server that ignores ranges
+            raise NetworkRequired(f"{offline_msg}: {type(exc).__name__}: {exc}") from None
+
+    def fetch(filename: str, rev: str | None) -> Path:
         try:  # the local Hub cache first: no network round trip when it is there
-            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+            return Path(hf_hub_download(repo_id, filename, revision=rev, endpoint=endpoint, local_files_only=True))
         except LocalEntryNotFoundError:
             if offline:
                 raise NetworkRequired(
@@ -527,38 +570,78 @@ def _hub_source(repo_id: str, revision: str | None = None, **kw) -> WeightSource
                 ) from None
         except EntryNotFoundError:
             raise _NotOnHub(filename) from None
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
-        except LocalEntryNotFoundError as exc:  # before EntryNotFoundError, its base: the Hub was not reached
-            raise NetworkRequired(f"{offline_msg}: {exc}") from None
-        except EntryNotFoundError:
-            raise _NotOnHub(filename) from None
-        except RevisionNotFoundError as exc:
-            raise ValueError(f"{where}: no such revision ({exc})") from None
-        except RepositoryNotFoundError as exc:
-            raise ValueError(f"{where}: no such repository on the Hub, or a private or gated one ({exc})") from None
-        except Exception as exc:  # connection errors, time-outs, server errors
-            raise NetworkRequired(f"{offline_msg}: {type(exc).__name__}: {exc}") from None
+        return hub_call(lambda: Path(hf_hub_download(repo_id, filename, revision=rev, endpoint=endpoint)))
 
     try:
-        config = json.loads(fetch("config.json").read_text())
+        config_path = fetch("config.json", revision)
     except _NotOnHub:
         raise ValueError(f"{where} has no config.json; not a transformers model repository") from None
+    config = json.loads(config_path.read_text())
+    # the cache keeps files under snapshots/<commit>/: the commit this revision resolved to
+    commit = config_path.parent.name if _COMMIT.fullmatch(config_path.parent.name) else None
+    pinned = commit or revision
+
+    def open_file(filename: str) -> ByteRanges:
+        cached = try_to_load_from_cache(repo_id, filename, revision=pinned)
+        if isinstance(cached, str):
+            return LocalFileRanges(cached)
+        if offline:
+            raise NetworkRequired(
+                offline_msg + f" (downloads are switched off by HF_HUB_OFFLINE / FLAGCORE_OFFLINE and {filename} "
+                "is not in the local Hub cache)"
+            )
+        return HttpRanges(hf_hub_url(repo_id, filename, revision=pinned, endpoint=endpoint), build_hf_headers())
+
+    def partial(files: list[str], index: Mapping[str, str] | None) -> WeightSource:
+        checkpoint = hub_call(PartialCheckpoint, open_file, files, index)
+        return WeightSource(repo_id, config, checkpoint.keys(), lambda key: hub_call(checkpoint.get, key),
+                            checkpoint=checkpoint, revision=revision, commit=commit, **kw)
+
     try:
-        index = json.loads(fetch("model.safetensors.index.json").read_text())["weight_map"]
-        return _safetensors_source(repo_id, config, fetch, [], index, **kw)
+        index = json.loads(fetch("model.safetensors.index.json", pinned).read_text())["weight_map"]
+        return partial([], index)
     except _NotOnHub:
         pass
     try:
-        fetch("model.safetensors")
-        return _safetensors_source(repo_id, config, fetch, ["model.safetensors"], None, **kw)
+        return partial(["model.safetensors"], None)
     except _NotOnHub:
         pass
     try:
-        state = torch.load(fetch("pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(fetch("pytorch_model.bin", pinned), map_location="cpu", weights_only=True, mmap=True)
     except _NotOnHub:
         raise ValueError(f"{where} has neither model.safetensors(.index.json) nor pytorch_model.bin") from None
-    return _state_dict_source(repo_id, config, state, **kw)
+    return WeightSource(repo_id, config, list(state), state.__getitem__, revision=revision, commit=commit, **kw)
+
+
+def list_revisions(source, *, endpoint: str | None = None) -> list[str]:
+    """The revisions of a training run, in training order (:func:`flagcore.checkpoints.revision_order`):
+    for a local run directory, its sub-directories that are model directories (each holding a
+    ``config.json``); for a Hub id, the repository's branches (Pythia's ``step0`` ... ``step143000`` and
+    ``main``). ``endpoint``: another Hub than :func:`hub_endpoint`."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            raise ValueError(f"{path} is one model directory, not a run directory of revisions (one sub-directory each)")
+        found = [child.name for child in path.iterdir() if (child / "config.json").is_file()]
+        if not found:
+            raise ValueError(f"{path} has no revisions: no sub-directory holds a config.json")
+        return revision_order(found)
+    if text in ALIASES or path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ValueError(f"{text!r} has no revisions: give a run directory or a Hub id (owner/name)")
+    if network_disabled():
+        raise NetworkRequired(f"listing the revisions of {text!r} needs the Hub, and downloads are switched off "
+                              "(HF_HUB_OFFLINE / FLAGCORE_OFFLINE)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        refs = HfApi(endpoint=endpoint or hub_endpoint()).list_repo_refs(text)
+    except RepositoryNotFoundError as exc:
+        raise ValueError(f"{text!r}: no such repository on the Hub, or a private or gated one ({exc})") from None
+    except Exception as exc:
+        raise NetworkRequired(f"listing the revisions of {text!r}: the Hub is not reachable ({type(exc).__name__}: {exc})") from None
+    return revision_order(branch.name for branch in refs.branches)
 
 
 def open_source(source, *, layout: Layout | str | None = None, stack: str | None = None, revision: str | None = None) -> WeightSource:
@@ -568,13 +651,18 @@ def open_source(source, *, layout: Layout | str | None = None, stack: str | None
     ``layout``: a :class:`Layout` or a registered name, instead of the one the config's ``model_type``
     selects (an unknown ``model_type`` is auto-detected from the keys and shapes; for a loaded model the
     candidate is confirmed by its own forward pass, :func:`flagcore.layout_check.verify_layout`).
-    ``stack``: the attention stack to read (see :class:`WeightSource`). ``revision``: for a Hub id.
+    ``stack``: the attention stack to read (see :class:`WeightSource`). ``revision``: for a Hub id, a
+    branch, tag or commit (read at the commit it resolves to); for a local run directory, the name of one
+    of its revision sub-directories (:func:`list_revisions`); an error for any other source.
     """
     kw = dict(layout=layout, stack=stack)
+    if revision is not None and (isinstance(source, (WeightSource, torch.nn.Module)) or os.fspath(source) in ALIASES):
+        raise ValueError(f"revision={revision!r} applies to a Hub id or a run directory of revisions, not to {_what(source)}")
     if isinstance(source, WeightSource):
         if layout is None and stack is None:
             return source
-        return WeightSource(source.name, source.config, source.keys(), source.get, **kw)
+        return WeightSource(source.name, source.config, source.keys(), source._get, checkpoint=source.checkpoint,
+                            revision=source.revision, commit=source.commit, **kw)
     if isinstance(source, torch.nn.Module):
         config = getattr(source, "config", None)
         if config is None:
@@ -602,13 +690,40 @@ def open_source(source, *, layout: Layout | str | None = None, stack: str | None
             return _directory_source(gguf_to_safetensors(path), text, **kw)
         return _directory_source(path, text, **kw)
     path = Path(text).expanduser()
+    if revision is not None and path.is_dir():
+        return _revision_directory(path, revision, **kw)
     if path.is_file() and path.suffix == ".gguf":
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to a Hub id or a run directory of revisions, not to a .gguf file")
         return _directory_source(gguf_to_safetensors(path), path.name, **kw)
     if path.is_dir():
         return _directory_source(path, **kw)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ValueError(f"{text!r} is neither a model directory nor a .gguf file")
     return _hub_source(text, revision, **kw)
+
+
+def _what(source) -> str:
+    if isinstance(source, WeightSource):
+        return f"the opened source {source.name!r}"
+    if isinstance(source, torch.nn.Module):
+        return "a loaded model"
+    return f"the offline alias {os.fspath(source)!r}"
+
+
+def _revision_directory(run: Path, revision: str, **kw) -> WeightSource:
+    """Revision ``revision`` of a local run directory: its sub-directory of that name."""
+    if (run / "config.json").is_file():
+        raise ValueError(f"revision={revision!r}: {run} is one model directory, not a run directory of revisions")
+    if Path(revision).name != revision or revision in (".", ".."):
+        raise ValueError(f"revision {revision!r} is not a plain name")
+    target = run / revision
+    if not (target / "config.json").is_file():
+        known = list_revisions(run) if any((c / "config.json").is_file() for c in run.iterdir()) else []
+        raise ValueError(f"{run} has no revision {revision!r} (revisions: {', '.join(known) or 'none'})")
+    src = _directory_source(target, f"{run}@{revision}", **kw)
+    src.revision = revision
+    return src
 
 
 def _confirm_by_forward_pass(model: torch.nn.Module, src: WeightSource, kw: dict) -> WeightSource:

@@ -32,7 +32,8 @@ def test_heads_table_and_layer_selection(capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert "d=384" in lines[0] and "layout 'bert'" in lines[0]
-    rows = [line.split() for line in lines[2:]]
+    assert lines[-1].startswith("read ") and "of the checkpoint's" in lines[-1]  # what the reader fetched
+    rows = [line.split() for line in lines[2:-1]]
     assert [int(r[0]) for r in rows] == [0, 3, 4] and {r[1] for r in rows} == {"q"}
     b = haar_overlap_baseline(384, 32, 12)
     for r in rows:

@@ -252,6 +252,7 @@ def test_a_sharded_checkpoint_is_fetched_only_where_it_is_read(tmp_path):
     """The Hub reader's path (an index, then each shard on first read): reading layer 0's query heads of
     a model saved in many shards fetches the shards holding them, not the others."""
     import flagcore.weights as weights
+    from flagcore.checkpoints import LocalFileRanges
 
     model = build("llama")
     model.save_pretrained(tmp_path, max_shard_size="20KB")
@@ -262,7 +263,7 @@ def test_a_sharded_checkpoint_is_fetched_only_where_it_is_read(tmp_path):
 
     def fetch(filename):
         fetched.append(filename)
-        return tmp_path / filename
+        return LocalFileRanges(tmp_path / filename)
 
     config = json.loads((tmp_path / "config.json").read_text())
     src = weights._safetensors_source("sharded", config, fetch, [], index)

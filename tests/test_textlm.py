@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -230,3 +231,50 @@ def test_bad_input(corpus):
         train_lm(good, corpus, steps=1, lr=-1.0)
     with pytest.raises(ValueError, match="steps"):
         train_lm(good, corpus, steps=0)
+
+
+# --------------------------------------------------------------------------- runs saved as revisions
+
+
+def test_pythia_schedule_has_pythias_154_checkpoints():
+    from flagcore.textlm import pythia_schedule
+
+    pythia = pythia_schedule(143_000, 1000)
+    assert len(pythia) == 154  # Pythia's published count: step0, 10 powers of two, 143 thousands
+    assert pythia[:12] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000] and pythia[-1] == 143_000
+    assert pythia_schedule(250, 50) == [0, 1, 2, 4, 8, 16, 32, 50, 100, 150, 200, 250]
+    assert pythia_schedule(70, 50) == [0, 1, 2, 4, 8, 16, 32, 50, 70]
+    with pytest.raises(ValueError):
+        pythia_schedule(0, 50)
+
+
+def test_train_revisions_saves_a_reproducible_pythia_format_run(tmp_path):
+    """Revisions in Pythia's format (GPT-NeoX config, model.safetensors), main a byte-identical copy of
+    the last step, the same bytes for the same seed whatever the thread count, other bytes for another
+    seed; and the saved step-0 model is the initialisation (its loss is the untrained one)."""
+    from safetensors.torch import load_file
+
+    from flagcore.textlm import train_revisions
+
+    corpus = char_corpus(corpus_text()[:20_000])
+    kw = dict(save_at=[0, 2, 3], d=32, n_layers=1, n_heads=2, seq=16, batch=4)
+    losses = train_revisions(tmp_path / "a", corpus, seed=0, **kw)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_revisions(tmp_path / "b", corpus, seed=0, **kw)
+    finally:
+        torch.set_num_threads(before)
+    train_revisions(tmp_path / "c", corpus, seed=1, **kw)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["main", "step0", "step2", "step3"]
+    config = json.loads((tmp_path / "a" / "step3" / "config.json").read_text())
+    assert config["model_type"] == "gpt_neox" and config["num_attention_heads"] == 2
+    read = lambda run, rev: (tmp_path / run / rev / "model.safetensors").read_bytes()  # noqa: E731
+    assert read("a", "main") == read("a", "step3") != read("a", "step2")
+    assert read("a", "step3") == read("b", "step3")  # thread count does not matter
+    assert read("a", "step0") != read("c", "step0")
+    init = load_file(tmp_path / "a" / "step0" / "model.safetensors")
+    assert abs(float(init["gpt_neox.layers.0.attention.query_key_value.weight"].std()) - 0.02) < 0.003
+    with pytest.raises(ValueError, match="not empty"):
+        train_revisions(tmp_path / "a", corpus, seed=0, **kw)
