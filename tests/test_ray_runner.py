@@ -137,6 +137,49 @@ def test_weight_sweep_rows_equal_the_cli_run_per_model(cluster, tmp_path):
     assert (tmp_path / "heads.png").stat().st_size > 10_000
 
 
+def test_revision_sweep_equals_the_library_and_flags_copies(cluster, tmp_path):
+    """A run trained and saved as revisions (Pythia's format, main a copy of the last step), swept with
+    --all-revisions, one task per revision: the rows equal flagcore.heads.revision_profile's run on one
+    machine, main is flagged as the copy it is, and the revisions table records the bytes read."""
+    from flagcore.heads import revision_profile
+    from flagcore.textlm import char_corpus, corpus_text, train_revisions
+
+    run = tmp_path / "run"
+    train_revisions(run, char_corpus(corpus_text()[:20_000]), save_at=[0, 2, 4], d=32, n_layers=2, n_heads=4,
+                    seq=16, batch=4)
+    start = time.perf_counter()
+    code = ray_runner.main(["weights", str(run), "--all-revisions", "--roles", "q", "o", "--quiet", "--out",
+                            str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    WALL["weights: 4 revisions"] = time.perf_counter() - start
+    assert code == 0
+    with (tmp_path / "out" / "heads.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    with (tmp_path / "out" / "revisions.csv").open() as handle:
+        revisions = list(csv.DictReader(handle))
+    alone = revision_profile(run, roles=("q", "o"))
+    assert [r["revision"] for r in revisions] == [r["revision"] for r in alone.revisions] == ["step0", "step2", "step4", "main"]
+    assert {r["revision"]: r["duplicate_of"] for r in revisions if r["duplicate_of"]} == alone.duplicates() == {"main": "step4"}
+    assert [r["digest"] for r in revisions] == [r["digest"] for r in alone.revisions]
+    assert all(0 < int(r["bytes_read"]) <= int(r["checkpoint_bytes"]) for r in revisions)
+    assert len(table) == len(alone.rows) == 4 * 2 * 2
+    for ours, theirs in zip(table, alone.rows):
+        assert (ours["revision"], int(ours["layer"]), ours["role"]) == (theirs["revision"], theirs["layer"], theirs["role"])
+        assert float(ours["R"]) == pytest.approx(theirs["R"], rel=1e-6)
+        assert (ours["duplicate_of"] or None) == theirs["duplicate_of"]
+    assert (tmp_path / "out" / "revisions.png").stat().st_size > 10_000
+    # retrained in place: the cache must not serve the old results
+    for child in run.iterdir():
+        for f in child.iterdir():
+            f.unlink()
+        child.rmdir()
+    train_revisions(run, char_corpus(corpus_text()[:20_000]), save_at=[0, 2, 4], d=32, n_layers=2, n_heads=4,
+                    seq=16, batch=4, seed=1)
+    assert ray_runner.main(["weights", str(run), "--all-revisions", "--roles", "q", "o", "--quiet", "--out",
+                            str(tmp_path / "out2"), "--cache", str(tmp_path / "cache")]) == 0
+    with (tmp_path / "out2" / "revisions.csv").open() as handle:
+        assert [r["digest"] for r in csv.DictReader(handle)] == [r["digest"] for r in revision_profile(run, roles=("q", "o")).revisions]
+
+
 def test_unknown_source_fails_that_source_only(cluster, tmp_path):
     code = ray_runner.main(["weights", "minilm", str(tmp_path / "no-such-model"), "--quiet",
                             "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])

@@ -2,7 +2,7 @@
 
     python tools/ray_runner.py book [--address ADDR] [-p NAME VALUE ...] [--only GLOB] [--cpu-only] [--no-build]
     python tools/ray_runner.py grid NOTEBOOK --grid NAME=V1,V2,... [--grid ...] [-p NAME VALUE ...] [--out DIR]
-    python tools/ray_runner.py weights SOURCE [SOURCE ...] [--roles q k] [--out DIR]
+    python tools/ray_runner.py weights SOURCE[@REVISION] [...] [--all-revisions [--every K]] [--roles q k] [--out DIR]
 
 Ray (``pip install 'flagcore[dist]'``) is the engine: a local Ray instance when ``--address`` is not given
 (``--num-cpus`` of this machine), else the cluster at ADDR (``auto``, ``HOST:6379`` or ``ray://HOST:10001``),
@@ -19,7 +19,12 @@ machine would.
   parameters, each number its mean ± sd over the seeds (``_build/grid/<notebook>/merged.json`` and
   ``.md``).
 * ``weights``: the head-overlap profile of each model or checkpoint (``python -m flagcore heads``) as a
-  task; one row per source, layer and role in ``heads.csv``, and a figure ``heads.png``.
+  task; one row per source, layer and role in ``heads.csv``, and a figure ``heads.png``. A training run's
+  checkpoints: ``SOURCE@REVISION`` each, or ``--all-revisions`` (every branch of a Hub repository, e.g.
+  Pythia's 154, or every revision sub-directory of a run directory, read by byte range); then
+  ``revisions.csv`` (commit, digest of the tensors read, bytes read against the checkpoint's size) and
+  ``revisions.png``, and a revision whose tensors are byte-identical to an earlier one's is flagged
+  (``duplicate_of``) in both files and in the figure, not counted as a new measurement.
 
 All three show a progress bar, retry a failed task (``--retries``, default 1) without losing the others,
 report what still failed, and keep every finished task in a content-keyed cache (``_build/ray-cache``):
@@ -493,39 +498,112 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def expand_sources(sources: list[str], all_revisions: bool, every: int) -> list[tuple[str, str | None]]:
+    """``(source, revision)`` pairs: ``SOURCE@REV`` as given; with ``all_revisions`` every other SOURCE becomes
+    its revisions in training order (:func:`flagcore.weights.list_revisions`: a Hub repository's branches or
+    a run directory's sub-directories), every ``every``-th step revision and always the last and ``main``."""
+    from flagcore.checkpoints import revision_step
+    from flagcore.errors import NetworkRequired
+    from flagcore.weights import list_revisions
+
+    pairs = []
+    for source in sources:
+        source_id, at, revision = source.partition("@")
+        if at or not all_revisions:
+            pairs.append((source_id, revision or None))
+            continue
+        try:
+            revisions = list_revisions(source_id)
+        except (ValueError, NetworkRequired) as exc:
+            raise RunnerError(f"--all-revisions {source_id}: {exc}") from None
+        numbered = [r for r in revisions if revision_step(r) is not None]
+        keep = set(numbered[::every]) | set(numbered[-1:]) | {r for r in revisions if revision_step(r) is None}
+        pairs += [(source_id, r) for r in revisions if r in keep]
+    return pairs
+
+
+def source_fingerprint(source: str, revision: str | None) -> str:
+    """What the cache key needs beyond the name: for a local directory (a model, or a run's revision), the
+    names, sizes and modification times of its files, so a retrained run is not served stale results. A Hub
+    revision is keyed by its name (a moved branch needs ``--cache`` elsewhere or the cache folder cleared)."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return ""
+    folder = path / revision if revision else path
+    if not folder.is_dir():
+        return ""
+    return content_key(*[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()])
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
+    if args.every < 1:
+        raise RunnerError("--every must be >= 1")
     fingerprint = library_fingerprint()
     jobs = []
-    for source in args.sources:
-        source_id, _, revision = source.partition("@")
-        payload = {"source": source_id, "revision": revision or None, "roles": args.roles, "threads": 1}
-        jobs.append(Job(label=source, key=content_key("heads", payload, fingerprint), payload=payload))
+    for source_id, revision in expand_sources(args.sources, args.all_revisions, args.every):
+        payload = {"source": source_id, "revision": revision, "roles": args.roles, "threads": 1}
+        label = source_id + (f"@{revision}" if revision else "")
+        key = content_key("heads", payload, fingerprint, source_fingerprint(source_id, revision))
+        jobs.append(Job(label=label, key=key, payload=payload))
     ray = connect(args.address, args.num_cpus)
     start = time.perf_counter()
     results, failed = run_jobs(ray, "heads", jobs, retries=args.retries, cache=args.cache, progress=not args.quiet)
-    rows = []
-    for job in jobs:
-        if job.key in results:
-            profile = results[job.key]["profile"]
-            for row in profile["rows"]:
-                rows.append({"source": job.label, "model": profile["model"], **row})
+    rows, revisions = merge_profiles([(job, results.get(job.key)) for job in jobs])
     out = Path(args.out or build_book.BUILD / "weights")
     out.mkdir(parents=True, exist_ok=True)
     write_rows_csv(rows, out / "heads.csv")
     if rows:
         plot_profiles(rows, out / "heads.png")
+    copies = [r for r in revisions if r["duplicate_of"]]
+    if any(r["revision"] for r in revisions):
+        write_rows_csv(revisions, out / "revisions.csv", REVISION_COLUMNS)
+        if rows:
+            plot_revisions(rows, out / "revisions.png")
     print(f"{len(jobs) - len(failed)}/{len(jobs)} sources ok in {time.perf_counter() - start:.1f} s; "
-          f"{len(rows)} rows in {out / 'heads.csv'}")
+          f"{len(rows)} rows in {out / 'heads.csv'}"
+          + (f"; byte-identical to an earlier revision: {', '.join(r['label'] + ' = ' + r['duplicate_of'] for r in copies)}"
+             if copies else ""))
     _report_failures(failed)
     return 1 if failed else 0
 
 
-COLUMNS = ["source", "model", "layer", "role", "heads", "d_k", "R", "baseline", "baseline_sd", "excess", "z", "status"]
+def merge_profiles(done: list[tuple[Job, dict | None]]) -> tuple[list[dict], list[dict]]:
+    """The rows of every finished source, and one record per source with its revision, digest and bytes read.
+
+    Integrity: within each source id, in the order given (training order for ``--all-revisions``), a revision
+    whose digest of the tensors read equals an earlier one's is marked ``duplicate_of`` that revision, in its
+    record and in each of its rows, so that no table or figure counts it as a new measurement."""
+    from flagcore.checkpoints import revision_step
+
+    rows, records, first_of = [], [], {}
+    for job, result in done:
+        if result is None:
+            continue
+        profile = result["profile"]
+        revision = job.payload.get("revision")
+        digest = profile.get("digest")
+        first = first_of.setdefault((job.payload["source"], digest), revision or job.label)
+        duplicate_of = first if digest and first != (revision or job.label) else None
+        read = profile.get("read") or {}
+        step = revision_step(revision) if revision else None
+        records.append({"label": job.label, "source": job.payload["source"], "revision": revision, "step": step,
+                        "commit": profile.get("commit"), "digest": digest, "duplicate_of": duplicate_of,
+                        "bytes_read": read.get("bytes_read"), "checkpoint_bytes": read.get("checkpoint_bytes")})
+        for row in profile["rows"]:
+            rows.append({"source": job.label, "model": profile["model"], "revision": revision, "step": step,
+                         "duplicate_of": duplicate_of, **row})
+    return rows, records
 
 
-def write_rows_csv(rows: list[dict], path: Path) -> None:
+COLUMNS = ["source", "model", "revision", "step", "duplicate_of", "layer", "role", "heads", "d_k", "R", "baseline",
+           "baseline_sd", "excess", "z", "status"]
+REVISION_COLUMNS = ["label", "source", "revision", "step", "commit", "digest", "duplicate_of", "bytes_read",
+                    "checkpoint_bytes"]
+
+
+def write_rows_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -547,6 +625,39 @@ def plot_profiles(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel(r"excess overlap $R - d_k/d$")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_revisions(rows: list[dict], path: Path) -> None:
+    """Excess overlap over training, one panel per role, one line per source and layer; revisions whose tensors
+    are byte-identical to an earlier revision are hollow circles at the step they copy, never on a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = list(dict.fromkeys(r["role"] for r in rows))
+    fig, axes = plt.subplots(1, len(roles), figsize=(3.4 * len(roles), 3.4), sharey=True, squeeze=False)
+    for role, ax in zip(roles, axes[0]):
+        mine = [r for r in rows if r["role"] == role and r["excess"] is not None and math.isfinite(r["excess"])]
+        for (source, layer) in dict.fromkeys((r["source"].partition("@")[0], r["layer"]) for r in mine):
+            points = [r for r in mine if r["source"].partition("@")[0] == source and r["layer"] == layer]
+            data = sorted((r["step"], r["excess"]) for r in points if r["duplicate_of"] is None and r["step"] is not None)
+            if not data:
+                continue
+            (line,) = ax.plot(*zip(*data), marker="o", ms=2, lw=1, label=f"{source} L{layer}")
+            steps = {r["revision"]: r["step"] for r in points}
+            for r in points:
+                if r["duplicate_of"] is not None and steps.get(r["duplicate_of"]) is not None:
+                    ax.plot(steps[r["duplicate_of"]], r["excess"], "o", mfc="none", mec=line.get_color(), ms=7)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("training step")
+        ax.set_title(f"role {role} (hollow: byte-identical copy, not data)", fontsize=9)
+    axes[0][0].set_ylabel(r"excess overlap $R - d_k/d$")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -583,6 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
     weights = sub.add_parser("weights", parents=[common], help="head-overlap profiles of many models/checkpoints")
     weights.add_argument("sources", nargs="+", metavar="SOURCE[@REVISION]")
     weights.add_argument("--roles", nargs="+", default=["q"], choices=["q", "k", "v", "o"])
+    weights.add_argument("--all-revisions", action="store_true",
+                         help="every SOURCE without @REVISION: each of its revisions (Hub branches, or the "
+                         "sub-directories of a run directory) as a task, in training order; byte-identical "
+                         "revisions are flagged")
+    weights.add_argument("--every", type=int, default=1, metavar="K",
+                         help="with --all-revisions: every K-th step revision, and always the last and main")
     weights.add_argument("--out", help="output folder (default _build/weights)")
     weights.set_defaults(func=cmd_weights)
     return parser
