@@ -560,16 +560,20 @@ def _hub_source(repo_id: str, revision: str | None = None, **kw) -> WeightSource
             raise NetworkRequired(f"{offline_msg}: {type(exc).__name__}: {exc}") from None
 
     def fetch(filename: str, rev: str | None) -> Path:
-        try:  # the local Hub cache first: no network round trip when it is there
-            return Path(hf_hub_download(repo_id, filename, revision=rev, endpoint=endpoint, local_files_only=True))
-        except LocalEntryNotFoundError:
-            if offline:
-                raise NetworkRequired(
-                    offline_msg + f" (downloads are switched off by HF_HUB_OFFLINE / FLAGCORE_OFFLINE and {filename} "
-                    "is not in the local Hub cache)"
-                ) from None
-        except EntryNotFoundError:
-            raise _NotOnHub(filename) from None
+        # The local Hub cache alone when offline, or when ``rev`` is a commit (immutable). A branch or tag is
+        # asked of the Hub when it can be: the cache's copy of a branch may be stale (the branch moved), and
+        # hf_hub_download takes the file from the cache anyway when its ETag still matches.
+        if offline or (rev is not None and _COMMIT.fullmatch(rev)):
+            try:
+                return Path(hf_hub_download(repo_id, filename, revision=rev, endpoint=endpoint, local_files_only=True))
+            except LocalEntryNotFoundError:
+                if offline:
+                    raise NetworkRequired(
+                        offline_msg + f" (downloads are switched off by HF_HUB_OFFLINE / FLAGCORE_OFFLINE and "
+                        f"{filename} is not in the local Hub cache)"
+                    ) from None
+            except EntryNotFoundError:
+                raise _NotOnHub(filename) from None
         return hub_call(lambda: Path(hf_hub_download(repo_id, filename, revision=rev, endpoint=endpoint)))
 
     try:
@@ -602,6 +606,9 @@ def _hub_source(repo_id: str, revision: str | None = None, **kw) -> WeightSource
         return partial([], index)
     except _NotOnHub:
         pass
+    except NetworkRequired:  # offline, no index in the cache: a single-file model there is enough
+        if not (offline and isinstance(try_to_load_from_cache(repo_id, "model.safetensors", revision=pinned), str)):
+            raise
     try:
         return partial(["model.safetensors"], None)
     except _NotOnHub:

@@ -244,6 +244,69 @@ def test_revisions_are_listed_pinned_and_checked(run_root, monkeypatch):
             list_revisions("org/nothing")
 
 
+def test_a_moved_branch_is_followed_not_served_stale_from_the_cache(tmp_path, monkeypatch):
+    """The cache holds config.json of org/moving at main's first commit; main then moves (another server,
+    other weights). Online, the branch is asked of the Hub again and read at its new commit; offline, the
+    cached commit is all there is, and its files it does not hold are NetworkRequired."""
+    roots = [tmp_path / "before", tmp_path / "after"]
+    for seed, root in enumerate(roots):
+        _neox(seed, layers=1).save_pretrained(root / "org" / "moving" / "main")
+    seen = []
+    for root in roots:
+        with HubServer(root) as server:
+            monkeypatch.setenv("HF_ENDPOINT", server.url)
+            src = open_source("org/moving", revision="main")
+            assert src.commit == server._commit(root / "org" / "moving" / "main")
+            expected = open_source(root / "org" / "moving", revision="main")
+            assert torch.equal(layer_heads(src, 0, ("q",))["q"], layer_heads(expected, 0, ("q",))["q"])
+            seen.append(src.commit)
+    assert seen[0] != seen[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NetworkRequired):  # the cache has config.json, not the weights (they were read by range)
+        layer_heads(open_source("org/moving", revision="main"), 0, ("q",))
+
+
+def test_files_in_the_hub_cache_are_read_from_it_online_and_offline(run_root, monkeypatch):
+    """A model whose safetensors file a previous session downloaded whole (hf_hub_download): read from the
+    cache without a single range request online, and offline with no request at all."""
+    from huggingface_hub import hf_hub_download
+
+    with HubServer(run_root) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        expected = layer_heads(open_source(run_root / "org" / "run", revision="step0"), 1, ROLES)
+        shards = json.loads((run_root / "org" / "run" / "step0" / "model.safetensors.index.json").read_text())
+        for name in ["config.json", "model.safetensors.index.json", *set(shards["weight_map"].values())]:
+            hf_hub_download("org/run", name, revision="step0", endpoint=server.url)
+        before = server.range_requests
+        src = open_source("org/run", revision="step0")
+        assert all(torch.equal(layer_heads(src, 1, ROLES)[r], expected[r]) for r in ROLES)
+        assert server.range_requests == before and src.checkpoint.stats()["bytes_read"] > 0
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        requests = sum(server.requests.values())
+        src = open_source("org/run", revision=src.commit)
+        assert all(torch.equal(layer_heads(src, 1, ROLES)[r], expected[r]) for r in ROLES)
+        assert sum(server.requests.values()) == requests
+
+
+def test_a_cached_single_file_model_opens_offline(tmp_path, monkeypatch):
+    """A single-file model (no index) downloaded whole earlier opens offline: the missing index is not an
+    error when model.safetensors itself is in the cache."""
+    from huggingface_hub import hf_hub_download
+
+    _neox(3, layers=1).save_pretrained(tmp_path / "org" / "single" / "main")
+    assert not (tmp_path / "org" / "single" / "main" / "model.safetensors.index.json").exists()
+    with HubServer(tmp_path) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        for name in ("config.json", "model.safetensors"):
+            hf_hub_download("org/single", name, revision="main", endpoint=server.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        requests = sum(server.requests.values())
+        src = open_source("org/single", revision="main")
+        local = open_source(tmp_path / "org" / "single", revision="main")
+        assert torch.equal(layer_heads(src, 0, ("q",))["q"], layer_heads(local, 0, ("q",))["q"])
+        assert sum(server.requests.values()) == requests
+
+
 def test_a_server_that_ignores_ranges_is_an_error_not_a_download(run_root, monkeypatch):
     with HubServer(run_root, ranges=False) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
