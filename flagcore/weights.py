@@ -660,7 +660,9 @@ def open_source(source, *, layout: Layout | str | None = None, stack: str | None
     candidate is confirmed by its own forward pass, :func:`flagcore.layout_check.verify_layout`).
     ``stack``: the attention stack to read (see :class:`WeightSource`). ``revision``: for a Hub id, a
     branch, tag or commit (read at the commit it resolves to); for a local run directory, the name of one
-    of its revision sub-directories (:func:`list_revisions`); an error for any other source.
+    of its revision sub-directories (:func:`list_revisions`); an error for any other source. A string
+    ``SOURCE@REVISION`` (that is not an existing path) means the same, so every function and notebook that
+    takes a source takes a revision: ``overlap_profile("EleutherAI/pythia-160m@step1000")``.
     """
     kw = dict(layout=layout, stack=stack)
     if revision is not None and (isinstance(source, (WeightSource, torch.nn.Module)) or os.fspath(source) in ALIASES):
@@ -683,6 +685,10 @@ def open_source(source, *, layout: Layout | str | None = None, stack: str | None
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a model, a path, an alias or a Hub id, got {type(source).__name__}")
     text = os.fspath(source)
+    if revision is None and "@" in text and not Path(text).expanduser().exists():
+        base, _, at = text.rpartition("@")  # SOURCE@REVISION, as the CLI and the Ray tools write it
+        if base and at:
+            return open_source(base, layout=layout, stack=stack, revision=at)
     if text in ALIASES:
         try:
             path = ALIASES[text][0]()

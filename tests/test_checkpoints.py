@@ -399,3 +399,11 @@ def test_revisions_of_a_local_run_directory(tmp_path):
     with pytest.raises(ValueError, match="one model directory"):
         list_revisions(run / "step5")
     assert os.fspath(open_source(run, revision="step50").name).endswith("@step50")
+    # SOURCE@REVISION is the same as revision=..., for every function that takes a source
+    from flagcore.heads import overlap_profile
+
+    at = overlap_profile(f"{run}@step50")
+    assert at.R == overlap_profile(open_source(run, revision="step50")).R
+    assert at.R != overlap_profile(open_source(run, revision="step5")).R
+    with pytest.raises(ValueError, match="no revision 'step7'"):
+        open_source(f"{run}@step7")
