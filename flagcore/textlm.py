@@ -293,6 +293,21 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def _recipe_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, step: int, lr: float, warmup: int) -> float:
+    """One step of the training recipe shared by :func:`train_lm` and :func:`train_revisions`: linear warm-up
+    of the learning rate over ``warmup`` steps, then ``lr``; a finite-loss check; gradient clipping at norm
+    1; the optimiser's step. Returns the loss."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training diverged at step {step} (loss {float(loss)}); lower lr")
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 @on_one_cpu_thread
 def train_lm(
     model: CharTransformer,
@@ -354,17 +369,8 @@ def train_lm(
     checkpoint(0)
     iterator = range(steps) if progress is None else progress(range(steps))
     for step in iterator:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
         x, y = sample_batch(corpus.train, batch, seq, generator)
-        loss = model.loss(x.to(device), y.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training diverged at step {step} (loss {float(loss)}); lower lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        record.loss.append(float(loss.detach()))
+        record.loss.append(_recipe_step(model, opt, model.loss(x.to(device), y.to(device)), step, lr, warmup))
         if (step + 1) % every == 0 or step + 1 == steps:
             checkpoint(step + 1)
     return record
@@ -457,18 +463,10 @@ def train_revisions(
             model.save_pretrained(run_dir / "step0")
         iterator = range(last) if progress is None else progress(range(last))
         for step in iterator:
-            for group in opt.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
             x, y = (t.to(device) for t in sample_batch(corpus.train, batch, seq, generator))
             logits = model(input_ids=x).logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, corpus.vocab_size), y.reshape(-1))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged at step {step} (loss {float(loss)}); lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(_recipe_step(model, opt, loss, step, lr, warmup))
             if step + 1 in save_at:
                 model.save_pretrained(run_dir / f"step{step + 1}")
     shutil.copytree(run_dir / f"step{last}", run_dir / "main")
