@@ -407,3 +407,37 @@ def test_revisions_of_a_local_run_directory(tmp_path):
     assert at.R != overlap_profile(open_source(run, revision="step5")).R
     with pytest.raises(ValueError, match="no revision 'step7'"):
         open_source(f"{run}@step7")
+
+
+# --------------------------------------------------------------------------- the notebook, on a run served as the Hub serves Pythia
+
+
+@pytest.mark.slow  # ~30 s: a papermill kernel importing transformers
+def test_the_training_notebook_reads_a_run_over_the_hub_protocol(tmp_path, monkeypatch):
+    """The notebook's Hub branch (model = a Hub id: Pythia in Colab), run end to end against the local server
+    serving a run saved as Pythia publishes one (step branches and main): revisions listed from the refs,
+    read by range, main flagged, the loaded model verified, R equal along both paths."""
+    import jupytext
+    import nbformat
+    import papermill
+
+    from flagcore.textlm import char_corpus, corpus_text, train_revisions
+
+    train_revisions(tmp_path / "hub" / "org" / "tiny-pythia", char_corpus(corpus_text()[:50_000]),
+                    save_at=[0, 1, 2, 4, 8, 16], d=32, n_layers=2, n_heads=4, seq=16, batch=8)
+    notebook = jupytext.read(Path(__file__).parents[1] / "notebooks" / "flag" / "head-overlap-training.md")
+    notebook.metadata.get("jupytext", {}).pop("formats", None)
+    nbformat.write(notebook, tmp_path / "in.ipynb")
+    with HubServer(tmp_path / "hub") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # the kernel's Hub cache: empty
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"model": "org/tiny-pythia"}, kernel_name="python3",
+                                   cwd=str(tmp_path), progress_bar=False)
+        assert server.range_requests > 0
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    text = "\n".join(o.get("text", "") for c in out.cells for o in c.get("outputs", []))
+    assert "org/tiny-pythia: 7 revisions on the Hub; reading 7." in text
+    assert "flagged {'main': 'step16'}" in text
+    assert "layout 'gpt_neox' verified" in text
