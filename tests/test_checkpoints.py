@@ -441,3 +441,26 @@ def test_the_training_notebook_reads_a_run_over_the_hub_protocol(tmp_path, monke
     assert "org/tiny-pythia: 7 revisions on the Hub; reading 7." in text
     assert "flagged {'main': 'step16'}" in text
     assert "layout 'gpt_neox' verified" in text
+
+
+def test_the_ray_sweep_keys_a_hub_revision_by_its_commit(tmp_path, monkeypatch):
+    """tools/ray_runner.py caches each source's result under a key: for a Hub revision it holds the commit the
+    branch points to now, so a branch that moved is read again, not served stale; a local revision is keyed by
+    its files. Checked against the local Hub-protocol server (no Ray needed for the key)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import ray_runner
+
+    keys = []
+    for seed, root in enumerate([tmp_path / "before", tmp_path / "after"]):
+        _neox(seed, layers=1).save_pretrained(root / "org" / "moving" / "main")
+        with HubServer(root) as server:
+            monkeypatch.setenv("HF_ENDPOINT", server.url)
+            commits = ray_runner.hub_commits("org/moving")
+            assert commits == {"main": server._commit(root / "org" / "moving" / "main")}
+            keys.append(ray_runner.source_fingerprint("org/moving", "main", commits))
+            assert ray_runner.hub_commits("org/nothing") == {}
+    assert keys[0] != keys[1] and all(keys)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert ray_runner.source_fingerprint("org/moving", commit, {}) == commit  # a commit names itself
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ray_runner.hub_commits("org/moving") == {}  # offline: no request, keyed by name

@@ -28,8 +28,9 @@ machine would.
 
 All three show a progress bar, retry a failed task (``--retries``, default 1) without losing the others,
 report what still failed, and keep every finished task in a content-keyed cache (``_build/ray-cache``):
-the key hashes the notebook's source, its parameters and the library's source, so a rerun does only what
-is missing or changed.
+the key hashes the notebook's source, its parameters and the library's source (for ``weights``: the
+source's files, or the commit a Hub revision points to now), so a rerun does only what is missing or
+changed.
 """
 
 from __future__ import annotations
@@ -522,28 +523,50 @@ def expand_sources(sources: list[str], all_revisions: bool, every: int) -> list[
     return pairs
 
 
-def source_fingerprint(source: str, revision: str | None) -> str:
-    """What the cache key needs beyond the name: for a local directory (a model, or a run's revision), the
-    names, sizes and modification times of its files, so a retrained run is not served stale results. A Hub
-    revision is keyed by its name (a moved branch needs ``--cache`` elsewhere or the cache folder cleared)."""
+def source_fingerprint(source: str, revision: str | None, commits: dict | None = None) -> str:
+    """What the cache key needs beyond the name, so that changed weights are never served from the cache: for
+    a local directory (a model, or a run's revision), the names, sizes and modification times of its files;
+    for a Hub repository, the commit its revision points to now (``commits``: :func:`hub_commits`; a branch
+    that moved gets a new key), or the revision itself when that is a commit."""
     path = Path(source).expanduser()
     if not path.is_dir():
-        return ""
+        ref = revision or "main"
+        return (commits or {}).get(ref) or (ref if re.fullmatch(r"[0-9a-f]{40}", ref) else "")
     folder = path / revision if revision else path
     if not folder.is_dir():
         return ""
     return content_key(*[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()])
 
 
+def hub_commits(source: str) -> dict[str, str]:
+    """``{branch or tag: commit}`` of a Hub repository, one request (``list_repo_refs``); empty for a local
+    source, an alias, or when the Hub cannot be asked (then tasks are keyed by revision name, and a task
+    that needs the Hub reports it)."""
+    from flagcore.errors import network_disabled
+    from flagcore.weights import ALIASES, hub_endpoint
+
+    if source in ALIASES or Path(source).expanduser().exists() or network_disabled():
+        return {}
+    try:
+        from huggingface_hub import HfApi
+
+        refs = HfApi(endpoint=hub_endpoint()).list_repo_refs(source)
+    except Exception:  # unreachable, unknown or private: the task itself says which
+        return {}
+    return {ref.name: ref.target_commit for ref in [*refs.branches, *refs.tags]}
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     if args.every < 1:
         raise RunnerError("--every must be >= 1")
     fingerprint = library_fingerprint()
-    jobs = []
+    jobs, commits = [], {}
     for source_id, revision in expand_sources(args.sources, args.all_revisions, args.every):
         payload = {"source": source_id, "revision": revision, "roles": args.roles, "threads": 1}
         label = source_id + (f"@{revision}" if revision else "")
-        key = content_key("heads", payload, fingerprint, source_fingerprint(source_id, revision))
+        if source_id not in commits:
+            commits[source_id] = hub_commits(source_id)
+        key = content_key("heads", payload, fingerprint, source_fingerprint(source_id, revision, commits[source_id]))
         jobs.append(Job(label=label, key=key, payload=payload))
     ray = connect(args.address, args.num_cpus)
     start = time.perf_counter()
