@@ -677,6 +677,7 @@ def plot_revisions(rows: list[dict], path: Path) -> None:
                     ax.plot(steps[r["duplicate_of"]], r["excess"], "o", mfc="none", mec=line.get_color(), ms=7)
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=-0.3)  # steps are >= 0: no negative decades
         ax.set_xlabel("training step")
         ax.set_title(f"role {role} (hollow: byte-identical copy, not data)", fontsize=9)
     axes[0][0].set_ylabel(r"excess overlap $R - d_k/d$")
