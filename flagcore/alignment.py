@@ -43,6 +43,7 @@ __all__ = [
     "constrained_head_descent",
     "decay_factor_per_step",
     "decay_path",
+    "depth_comparison",
     "fit_decay_rate",
     "geometric_consistency_gap",
     "head_penalty_split",
@@ -711,3 +712,17 @@ def constrained_head_descent(
         W1, W2 = project_fixed_sum(W1 - eta * lam * W1, W2 - eta * lam * W2, S)
         diffs.append(_frob(W1 - W2))
     return W1, W2, torch.stack(diffs, -1)
+
+
+def depth_comparison(deep: tuple[float, float], shallow: tuple[float, float]) -> dict:
+    """The paper's depth claim (§7.1) on two ``(mean, sd)`` summaries over seeds of the commutator: is the deeper
+    model's obstruction ``larger`` (a larger mean) and ``more_stable`` (a smaller coefficient of variation
+    ``sd / mean``)? Returns both verdicts and both coefficients (``cv_deep``, ``cv_shallow``). Means must be
+    positive (the commutator is a norm, and a zero mean leaves the coefficient undefined)."""
+    (m_deep, s_deep), (m_shallow, s_shallow) = (tuple(float(x) for x in pair) for pair in (deep, shallow))
+    if not all(math.isfinite(x) for x in (m_deep, s_deep, m_shallow, s_shallow)):
+        raise ValueError("means and standard deviations must be finite")
+    if m_deep <= 0 or m_shallow <= 0 or s_deep < 0 or s_shallow < 0:
+        raise ValueError(f"need positive means and non-negative sds, got {deep} and {shallow}")
+    cv_deep, cv_shallow = s_deep / m_deep, s_shallow / m_shallow
+    return {"larger": m_deep > m_shallow, "more_stable": cv_deep < cv_shallow, "cv_deep": cv_deep, "cv_shallow": cv_shallow}

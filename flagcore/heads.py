@@ -48,6 +48,7 @@ __all__ = [
     "profile_rows",
     "query_heads",
     "revision_profile",
+    "rise_statistics",
     "shared_core_heads",
     "top_pairs",
     "value_heads",
@@ -873,6 +874,32 @@ def profile_rows(
             rows.append({"layer": layer, "role": role, "heads": n, "d_k": d_k, "R": R, "baseline": b.mean,
                          "baseline_sd": b.sd, "excess": R - b.mean, "z": b.z(R), "status": "measured"})
     return rows
+
+
+def rise_statistics(steps, values) -> dict[str, float]:
+    """How monotonically ``values`` (e.g. ``R`` at the checkpoints of a run) rise with ``steps``.
+
+    ``up``: the share of consecutive intervals (in step order) on which the value rose strictly (1 for a
+    strictly increasing series); ``rho``: Spearman's rank correlation of value and step (1 for any
+    increasing series; NaN when either is constant); ``drop``: the largest fall below the running maximum,
+    ``max_t [max_{s<=t} v(s) - v(t)]`` (0 for a non-decreasing series). Ties are ranked in order of
+    appearance (distinct real measurements have none). Float64 throughout; 1-d inputs of one length >= 2.
+    """
+    t = torch.as_tensor(steps, dtype=torch.float64).flatten()
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if t.numel() != v.numel() or t.numel() < 2:
+        raise ValueError(f"need steps and values of one length >= 2, got {t.numel()} and {v.numel()}")
+    if not (torch.isfinite(t).all() and torch.isfinite(v).all()):
+        raise ValueError("steps and values must be finite")
+    order = t.argsort(stable=True)
+    t, v = t[order], v[order]
+    ranks = [x.argsort(stable=True).argsort(stable=True).to(torch.float64) for x in (t, v)]
+    rt, rv = (r - r.mean() for r in ranks)
+    norm = rt.norm() * rv.norm()
+    constant = bool((t == t[0]).all() or (v == v[0]).all())
+    return {"up": float((v[1:] > v[:-1]).double().mean()),
+            "rho": math.nan if constant else float((rt * rv).sum() / norm),
+            "drop": float((torch.cummax(v, 0).values - v).max())}
 
 
 @dataclass

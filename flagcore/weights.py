@@ -80,6 +80,7 @@ __all__ = [
     "layout_from_dict",
     "offline_model_path",
     "open_source",
+    "revision_commits",
     "register_layout",
     "repeat_kv",
     "rows_to_heads",
@@ -623,35 +624,65 @@ def _hub_source(repo_id: str, revision: str | None = None, **kw) -> WeightSource
     return WeightSource(repo_id, config, list(state), state.__getitem__, revision=revision, commit=commit, **kw)
 
 
+def _hub_refs(repo_id: str, endpoint: str | None = None):
+    """A Hub repository's branches and tags (huggingface_hub's ``list_repo_refs``, one request), with its
+    errors turned into ours: an unknown, private or gated repository ``ValueError``, no Hub
+    :class:`NetworkRequired`."""
+    if network_disabled():
+        raise NetworkRequired(f"listing the revisions of {repo_id!r} needs the Hub, and downloads are switched off "
+                              "(HF_HUB_OFFLINE / FLAGCORE_OFFLINE)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return HfApi(endpoint=endpoint or hub_endpoint()).list_repo_refs(repo_id)
+    except RepositoryNotFoundError as exc:
+        raise ValueError(f"{repo_id!r}: no such repository on the Hub, or a private or gated one ({exc})") from None
+    except Exception as exc:
+        raise NetworkRequired(f"listing the revisions of {repo_id!r}: the Hub is not reachable ({type(exc).__name__}: {exc})") from None
+
+
+def _local_run(text: str) -> Path | None:
+    """``text`` as a run directory of revisions, None when it is not a directory; an error for a model directory."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        return None
+    if (path / "config.json").is_file():
+        raise ValueError(f"{path} is one model directory, not a run directory of revisions (one sub-directory each)")
+    return path
+
+
+def _check_hub_id(text: str) -> None:
+    if text in ALIASES or Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ValueError(f"{text!r} has no revisions: give a run directory or a Hub id (owner/name)")
+
+
 def list_revisions(source, *, endpoint: str | None = None) -> list[str]:
     """The revisions of a training run, in training order (:func:`flagcore.checkpoints.revision_order`):
     for a local run directory, its sub-directories that are model directories (each holding a
     ``config.json``); for a Hub id, the repository's branches (Pythia's ``step0`` ... ``step143000`` and
     ``main``). ``endpoint``: another Hub than :func:`hub_endpoint`."""
     text = os.fspath(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            raise ValueError(f"{path} is one model directory, not a run directory of revisions (one sub-directory each)")
-        found = [child.name for child in path.iterdir() if (child / "config.json").is_file()]
+    run = _local_run(text)
+    if run is not None:
+        found = [child.name for child in run.iterdir() if (child / "config.json").is_file()]
         if not found:
-            raise ValueError(f"{path} has no revisions: no sub-directory holds a config.json")
+            raise ValueError(f"{run} has no revisions: no sub-directory holds a config.json")
         return revision_order(found)
-    if text in ALIASES or path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise ValueError(f"{text!r} has no revisions: give a run directory or a Hub id (owner/name)")
-    if network_disabled():
-        raise NetworkRequired(f"listing the revisions of {text!r} needs the Hub, and downloads are switched off "
-                              "(HF_HUB_OFFLINE / FLAGCORE_OFFLINE)")
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
+    _check_hub_id(text)
+    return revision_order(branch.name for branch in _hub_refs(text, endpoint).branches)
 
-    try:
-        refs = HfApi(endpoint=endpoint or hub_endpoint()).list_repo_refs(text)
-    except RepositoryNotFoundError as exc:
-        raise ValueError(f"{text!r}: no such repository on the Hub, or a private or gated one ({exc})") from None
-    except Exception as exc:
-        raise NetworkRequired(f"listing the revisions of {text!r}: the Hub is not reachable ({type(exc).__name__}: {exc})") from None
-    return revision_order(branch.name for branch in refs.branches)
+
+def revision_commits(source, *, endpoint: str | None = None) -> dict[str, str]:
+    """``{branch or tag: commit}`` of a Hub repository, as it is now (one request); ``{}`` for a local run
+    directory, whose revisions have no commits. For keying cached results by content: a branch that moved
+    has a new commit. Errors as :func:`list_revisions`."""
+    text = os.fspath(source)
+    if _local_run(text) is not None:
+        return {}
+    _check_hub_id(text)
+    refs = _hub_refs(text, endpoint)
+    return {ref.name: ref.target_commit for ref in [*refs.branches, *refs.tags]}
 
 
 def open_source(source, *, layout: Layout | str | None = None, stack: str | None = None, revision: str | None = None) -> WeightSource:

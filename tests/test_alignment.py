@@ -397,3 +397,21 @@ def test_decay_path_closed_form_and_optimizer():
         decay_path(0.1, 0.1, 1.0, 5)
     with pytest.raises(ValueError):
         decay_path(0.1, 0.1, 0.0, 0)
+
+
+def test_depth_comparison_is_the_coefficient_of_variation_rule():
+    from flagcore.alignment import depth_comparison
+
+    got = depth_comparison((0.45, 0.01), (0.30, 0.05))
+    assert got["larger"] and got["more_stable"]
+    assert got["cv_deep"] == pytest.approx(0.01 / 0.45) and got["cv_shallow"] == pytest.approx(0.05 / 0.30)
+    # larger but less stable: a bigger sd can outweigh a bigger mean
+    got = depth_comparison((0.45, 0.164), (0.30, 0.05))
+    assert got["larger"] and not got["more_stable"]
+    # negative control: smaller and less stable
+    got = depth_comparison((0.2, 0.1), (0.3, 0.05))
+    assert not got["larger"] and not got["more_stable"]
+    with pytest.raises(ValueError, match="positive"):
+        depth_comparison((0.0, 0.1), (0.3, 0.05))
+    with pytest.raises(ValueError, match="finite"):
+        depth_comparison((math.nan, 0.1), (0.3, 0.05))

@@ -32,7 +32,7 @@ from flagcore.checkpoints import (
 )
 from flagcore.errors import NetworkRequired
 from flagcore.heads import haar_overlap_baseline, head_overlap, revision_profile
-from flagcore.weights import layer_heads, list_revisions, offline_model_path, open_source
+from flagcore.weights import layer_heads, list_revisions, offline_model_path, open_source, revision_commits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer  # noqa: E402
@@ -232,6 +232,9 @@ def test_revisions_are_listed_pinned_and_checked(run_root, monkeypatch):
         assert list_revisions("org/run") == ["step0", "step10", "step20", "final", "main"]
         src = open_source("org/run", revision="step10")
         assert src.revision == "step10" and src.commit == server._commit(run_root / "org" / "run" / "step10")
+        commits = revision_commits("org/run")
+        assert commits["step10"] == src.commit and commits["final"] == commits["step20"] != commits["main"]
+        assert revision_commits(run_root / "org" / "run") == {}  # a local run has no commits
         same = open_source("org/run", revision=src.commit)  # a revision named by its commit
         assert torch.equal(layer_heads(same, 1, ("q",))["q"], layer_heads(src, 1, ("q",))["q"])
         local = open_source(run_root / "org" / "run", revision="step10")  # the run directory, read locally

@@ -405,3 +405,31 @@ def test_profile_names_a_layer_with_nan_queries_and_ignores_nan_keys():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(heads_module, "_LAYER_CHUNK_BYTES", 1)
         assert overlap_profile(model).R == pytest.approx(one, abs=1e-7)
+
+
+# --------------------------------------------------------------------------- rise statistics of a series over training
+
+
+def test_rise_statistics_against_scipy_and_brute_force(gen):
+    from scipy.stats import spearmanr
+
+    from flagcore.heads import rise_statistics
+
+    for n in (2, 5, 14, 40):
+        steps = torch.randperm(1000, generator=gen)[:n].sort().values
+        values = torch.randn(n, generator=gen, dtype=torch.float64)
+        shuffled = torch.randperm(n, generator=gen)  # the order given must not matter
+        got = rise_statistics(steps[shuffled].tolist(), values[shuffled])
+        v = values.tolist()
+        assert got["up"] == pytest.approx(sum(b > a for a, b in zip(v, v[1:])) / (n - 1), abs=0)
+        assert got["rho"] == pytest.approx(spearmanr(steps, values).statistic, abs=1e-12)
+        assert got["drop"] == pytest.approx(max(max(v[: i + 1]) - v[i] for i in range(n)), abs=0)
+    up = rise_statistics([0, 1, 2, 4], [0.1, 0.2, 0.25, 0.3])
+    assert up == {"up": 1.0, "rho": pytest.approx(1.0), "drop": 0.0}
+    down = rise_statistics([0, 1, 2, 4], [0.3, 0.2, 0.25, 0.1])  # negative control: mostly falling
+    assert down["up"] == pytest.approx(1 / 3) and down["rho"] == pytest.approx(-0.8) and down["drop"] == pytest.approx(0.2)
+    assert math.isnan(rise_statistics([0, 1, 2], [1.0, 1.0, 1.0])["rho"])
+    with pytest.raises(ValueError, match="length"):
+        rise_statistics([0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        rise_statistics([0, 1], [1.0, float("nan")])

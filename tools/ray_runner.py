@@ -539,21 +539,18 @@ def source_fingerprint(source: str, revision: str | None, commits: dict | None =
 
 
 def hub_commits(source: str) -> dict[str, str]:
-    """``{branch or tag: commit}`` of a Hub repository, one request (``list_repo_refs``); empty for a local
-    source, an alias, or when the Hub cannot be asked (then tasks are keyed by revision name, and a task
-    that needs the Hub reports it)."""
-    from flagcore.errors import network_disabled
-    from flagcore.weights import ALIASES, hub_endpoint
+    """``{branch or tag: commit}`` of a Hub repository now (:func:`flagcore.weights.revision_commits`); empty
+    for a local source or an alias, or when the Hub cannot be asked (tasks are then keyed by revision name,
+    and a task that needs the Hub reports it)."""
+    from flagcore.errors import NetworkRequired
+    from flagcore.weights import ALIASES, revision_commits
 
-    if source in ALIASES or Path(source).expanduser().exists() or network_disabled():
+    if source in ALIASES or Path(source).expanduser().exists():
         return {}
     try:
-        from huggingface_hub import HfApi
-
-        refs = HfApi(endpoint=hub_endpoint()).list_repo_refs(source)
-    except Exception:  # unreachable, unknown or private: the task itself says which
+        return revision_commits(source)
+    except (ValueError, NetworkRequired):  # unreachable, unknown or private: the task itself says which
         return {}
-    return {ref.name: ref.target_commit for ref in [*refs.branches, *refs.tags]}
 
 
 def cmd_weights(args: argparse.Namespace) -> int:

@@ -195,15 +195,19 @@ def e4_trend(study: dict) -> list[str]:
 
 def depth_claim(study: dict) -> list[str]:
     """§7.1's depth claim at each Table E.4 setting: is ReLU-50 (orth)'s commutator larger than ReLU-10's, and
-    more stable (a smaller coefficient of variation over seeds)? The notebook's own test, per point."""
+    more stable (a smaller coefficient of variation over seeds)? The notebook's own test
+    (:func:`flagcore.alignment.depth_comparison`), per point."""
+    from flagcore.alignment import depth_comparison
+
     design = study["designs"]["table-e4"]
     lines = []
     for point in (p for p in study["points"] if p["study"] == "table-e4"):
         v = point["values"]
-        cv50, cv10 = v["sd"] / v["mean"], v["relu10_sd"] / v["relu10_mean"]
+        depth = depth_comparison((v["mean"], v["sd"]), (v["relu10_mean"], v["relu10_sd"]))
         lines.append(f"{_setting(point, design)}: ReLU-50 (orth) {v['mean']:.3f} ± {v['sd']:.3f} vs ReLU-10 "
-                     f"{v['relu10_mean']:.3f} ± {v['relu10_sd']:.3f}: {'larger' if v['mean'] > v['relu10_mean'] else 'smaller'}"
-                     f", {'more' if cv50 < cv10 else 'less'} stable (coefficient of variation {cv50:.2f} vs {cv10:.2f})")
+                     f"{v['relu10_mean']:.3f} ± {v['relu10_sd']:.3f}: {'larger' if depth['larger'] else 'smaller'}"
+                     f", {'more' if depth['more_stable'] else 'less'} stable (coefficient of variation "
+                     f"{depth['cv_deep']:.2f} vs {depth['cv_shallow']:.2f})")
     return lines
 
 
